@@ -1,0 +1,150 @@
+"""The gather helper and the asynchronous DDIM step.
+
+Notation (DDIM paper, eq. 12 and 16; every symbol may vary per pixel):
+
+================  ==============================================================
+symbol            meaning
+================  ==============================================================
+``a_t``           alpha-bar at the pixel's current timestep
+``a_prev``        alpha-bar at the pixel's next timestep (final alpha-bar after the
+                  last step)
+``x0``            predicted clean sample
+``eps``           predicted noise
+``sigma``         ``eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)``
+================  ==============================================================
+
+With a uniform timestep map the arithmetic is, operation for operation, diffusers'
+``DDIMScheduler.step``, so the two agree bit for bit in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def gather(table: torch.Tensor, t: torch.Tensor | int, ndim: int = 4) -> torch.Tensor:
+    """Index a per-timestep table first, broadcast second.
+
+    Args:
+        table: ``(T,)`` values per integer timestep (e.g. ``alphas_cumprod``).
+        t: a Python int, a 0-d tensor, a ``(B,)`` vector, a ``(B, h, w)`` map or a
+            ``(B, 1, h, w)`` map of integer timesteps.
+        ndim: rank of the tensor the result must broadcast against (4 for latents).
+
+    Returns:
+        ``table[t]`` reshaped to broadcast against a ``(B, C, h, w)`` tensor: ``()`` for a
+        scalar, ``(B, 1, 1, 1)`` for a vector, ``(B, 1, h, w)`` for a map.
+    """
+    idx = torch.as_tensor(t, device=table.device).long()
+    vals = table[idx]
+    if vals.ndim == 0:
+        return vals
+    if vals.ndim == 1:
+        return vals.reshape(-1, *([1] * (ndim - 1)))  # (B, 1, 1, 1)
+    if vals.ndim == ndim - 1:
+        return vals.unsqueeze(1)  # (B, h, w) -> (B, 1, h, w)
+    if vals.ndim == ndim:
+        return vals
+    raise ValueError(f"cannot broadcast a timestep tensor of shape {tuple(idx.shape)}")
+
+
+def alpha_bar(
+    alphas_cumprod: torch.Tensor, t: torch.Tensor | int, final_alpha_cumprod: torch.Tensor | float
+) -> torch.Tensor:
+    """``alphas_cumprod[t]`` where ``t >= 0`` and ``final_alpha_cumprod`` where ``t < 0``."""
+    idx = torch.as_tensor(t, device=alphas_cumprod.device).long()
+    vals = gather(alphas_cumprod, idx.clamp(min=0))
+    final = torch.as_tensor(final_alpha_cumprod, dtype=vals.dtype, device=vals.device)
+    is_final = gather(torch.tensor([False, True], device=vals.device), (idx < 0).long())
+    return torch.where(is_final, final, vals)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The scheduler conventions an async DDIM step honours (read from a scheduler config)."""
+
+    prediction_type: str = "epsilon"
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} not supported; use {PREDICTION_TYPES}"
+            )
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.clip_sample_range <= 0:
+            raise ValueError("clip_sample_range must be > 0")
+
+    @classmethod
+    def from_scheduler(cls, scheduler, eta: float = 0.0) -> "StepConfig":
+        cfg = scheduler.config
+        if getattr(cfg, "thresholding", False):
+            raise ValueError("dynamic thresholding schedulers are not supported by asyndm yet")
+        return cls(
+            prediction_type=cfg.prediction_type,
+            clip_sample=bool(getattr(cfg, "clip_sample", False)),
+            clip_sample_range=float(getattr(cfg, "clip_sample_range", 1.0)),
+            eta=eta,
+        )
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    prev_sample: torch.Tensor
+    """``(B, C, h, w)`` the sample at each pixel's next timestep."""
+    pred_original_sample: torch.Tensor
+    """``(B, C, h, w)`` the predicted clean sample ``x0``."""
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    a_t: torch.Tensor,
+    a_prev: torch.Tensor,
+    cfg: StepConfig,
+    noise: torch.Tensor | None = None,
+) -> StepOutput:
+    """One DDIM step where alpha-bars may differ per pixel.
+
+    Args:
+        model_output: ``(B, C, h, w)`` network output (eps, v or x0 per ``cfg``).
+        sample: ``(B, C, h, w)`` current sample ``x_t``.
+        a_t, a_prev: alpha-bars broadcastable to ``sample`` (from :func:`alpha_bar`), float32.
+        cfg: prediction type, clipping and ``eta``.
+        noise: ``(B, C, h, w)`` standard normal noise; required when ``cfg.eta > 0``.
+    """
+    # 1. betas
+    b_t = 1 - a_t
+    # 2. predicted x0 and eps for the model's parameterisation
+    if cfg.prediction_type == "epsilon":
+        x0 = (sample - b_t ** (0.5) * model_output) / a_t ** (0.5)
+        eps = model_output
+    elif cfg.prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - a_t ** (0.5) * x0) / b_t ** (0.5)
+    else:  # v_prediction
+        x0 = (a_t**0.5) * sample - (b_t**0.5) * model_output
+        eps = (a_t**0.5) * model_output + (b_t**0.5) * sample
+    # 3. the scheduler's clipping convention
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    # 4. sigma(eta), eq. 16
+    b_prev = 1 - a_prev
+    variance = (b_prev / b_t) * (1 - a_t / a_prev)
+    std = cfg.eta * variance ** (0.5)
+    # 5. direction to x_t and the deterministic part, eq. 12
+    direction = (1 - a_prev - std**2) ** (0.5) * eps
+    prev = a_prev ** (0.5) * x0 + direction
+    # 6. fresh noise, only if eta > 0 (as diffusers does)
+    if cfg.eta > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs a noise tensor")
+        prev = prev + std * noise
+    return StepOutput(prev_sample=prev, pred_original_sample=x0)

@@ -1,0 +1,73 @@
+"""Tiny randomly initialised diffusers models built in code (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from asyndm.shapes.tokenizer import write_clip_tokenizer
+
+WORDS = [
+    "a", "an", "the", "cat", "dog", "eating", "sandwich", "playing", "basketball", "red",
+    "blue", "car", "driving", "and", "on", "table", "with", "photo", "of", "horse", "two",
+]
+
+
+def tiny_unet(sdxl: bool = False, seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    kwargs = dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8,
+    )
+    if sdxl:
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=32 + 6 * 8,
+                      transformer_layers_per_block=(1, 2, 2), use_linear_projection=True)
+    return UNet2DConditionModel(**kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return write_clip_tokenizer(WORDS, tmp_path_factory.mktemp("tok"), model_max_length=77)
+
+
+def tiny_text_encoder(tokenizer, projection: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=32,
+    ).eval()
+
+
+def ddim(prediction_type: str = "epsilon", **kw) -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type=prediction_type, **kw,
+    )
+
+
+@pytest.fixture(scope="session")
+def sd_components(tokenizer):
+    return dict(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
+        unet=tiny_unet(), scheduler=ddim(), safety_checker=None, feature_extractor=None,
+    )
