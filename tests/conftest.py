@@ -25,7 +25,7 @@ def tiny_unet(sdxl: bool = False, seed: int = 0) -> UNet2DConditionModel:
         cross_attention_dim=32, attention_head_dim=8,
     )
     if sdxl:
-        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+        kwargs.update(addition_embed_type="text_time", cross_attention_dim=64, addition_time_embed_dim=8,
                       projection_class_embeddings_input_dim=32 + 6 * 8,
                       transformer_layers_per_block=(1, 2, 2), use_linear_projection=True)
     return UNet2DConditionModel(**kwargs).eval()
@@ -62,6 +62,15 @@ def ddim(prediction_type: str = "epsilon", **kw) -> DDIMScheduler:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
         prediction_type=prediction_type, **kw,
+    )
+
+
+@pytest.fixture(scope="session")
+def sdxl_components(tokenizer):
+    return dict(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=tiny_text_encoder(tokenizer, projection=True, seed=1),
+        tokenizer_2=tokenizer, unet=tiny_unet(sdxl=True), scheduler=ddim(),
     )
 
 

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
+                          CLIPVisionModelWithProjection)
 
 from .adapters.attention import AttentionCapture
 from .adapters.unet import PerPixelTimestep
@@ -142,10 +147,11 @@ class _AsynDMMixin:
             raise ValueError(f"{len(generator)} generators for a batch of {bsz} images")
         resolved = None
         if subjects is not None and len(subjects) > 0:
+            # one list per prompt when several prompts come with as many lists
             per_prompt = (
-                list(subjects) if all(isinstance(s, (list, tuple)) and s and not
-                                      isinstance(s[0], int) for s in subjects)
-                and len(subjects) == len(prompts) and len(prompts) > 1
+                [list(s) for s in subjects]
+                if len(prompts) > 1 and len(subjects) == len(prompts)
+                and all(isinstance(s, (list, tuple)) for s in subjects)
                 else [list(subjects)] * len(prompts)
             )
             resolved = [resolve_subjects(self.tokenizer, p, s, k)
@@ -253,8 +259,19 @@ class AsynDMPipeline(_AsynDMMixin, StableDiffusionPipeline):
 
     _optional_components = [*StableDiffusionPipeline._optional_components, "vae"]
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
-                 feature_extractor=None, image_encoder=None, requires_safety_checker=False):
+    def __init__(
+        self,
+        vae: AutoencoderKL | None,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        requires_safety_checker: bool = False,
+    ):
+        # annotations as in the parent: diffusers matches components by them (from_pipe)
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker,
                          feature_extractor, image_encoder, requires_safety_checker)
         self._setup_pixel_space()

@@ -224,7 +224,12 @@ def advance(plan: SchedulePlan, state: torch.Tensor, i: int, k_map: torch.Tensor
     # Subjects: background pixels get a harmless k so the curve stays finite, then are masked.
     is_region = k_map > 0
     safe_k = torch.where(is_region, k_map, torch.full_like(k_map, 0.5)).to(state.dtype)
-    region = CURVES[plan.curve](state, n, safe_k, target, float(n_total), float(plan.num_train_timesteps))
+    if n == 1:  # every curve ends exactly on target; skip the round-off of evaluating it
+        region = torch.full_like(state, target)
+    else:
+        region = CURVES[plan.curve](
+            state, n, safe_k, target, float(n_total), float(plan.num_train_timesteps)
+        )
     nxt = torch.where(is_region, region, background)
     # Never up, never below the last timestep before the last step.
     return nxt.clamp(min=target).minimum(state)

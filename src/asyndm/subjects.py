@@ -4,10 +4,13 @@ A subject is given as
 
 * a word or phrase (``"cat"``, ``"red car"``): all its tokens, first occurrence;
 * a word with an occurrence (``"cat#2"``): the second occurrence of ``cat``;
-* an int or a sequence of ints: raw token positions (position 0 is the start token), as the
-  paper's ``*_item.json`` files give them. Note that the reference uses those indices as
-  token positions unchanged; in 12 of its 160 prompts 16 indices then point at another
-  word (e.g. when a word splits into several tokens). Word mode avoids that.
+* an int or a sequence of ints: raw token positions (position 0 is the start token).
+
+The paper's ``*_item.json`` files give 0-based indices that the reference applies to the
+text tokens after the start token, so index ``i`` is token position ``i + 1``
+(:func:`paper_positions`). Those indices count words, so wherever an earlier word splits
+into several tokens they point at another token than the intended word; word mode avoids
+that.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ class ResolvedSubject:
             raise ValueError(f"subject {self.label!r} has no token positions")
         if not 0 < self.k < 1:
             raise ValueError(f"subject {self.label!r}: k must be in (0, 1), got {self.k}")
+
+
+def paper_positions(indices: Sequence[int]) -> list[tuple[int]]:
+    """The reference's subject indices as token positions (one token per subject)."""
+    return [(int(i) + 1,) for i in indices]
 
 
 def _prompt_tokens(tokenizer, prompt: str) -> list[int]:
