@@ -45,7 +45,7 @@ from typing import Protocol
 
 import torch
 
-from .denoise import DenoiseOutput
+from .denoise import DenoiseOutput, _uniform
 from .masks import initial_labels, k_map_from_labels, region_labels, resize_labels
 from .sampler import MODES, SampleResult, StepRecord, Subjects
 from .schedules import CURVES, FINAL_STATE, SchedulePlan, advance
@@ -84,15 +84,14 @@ class FlowPlan(SchedulePlan):
     @classmethod
     def from_sigmas(cls, sigmas: torch.Tensor, timesteps: torch.Tensor, curve: str,
                     num_train_timesteps: int = 1000) -> "FlowPlan":
-        """Build a plan from a flow scheduler's ``sigmas`` ``(N + 1,)`` and ``timesteps`` ``(N,)``."""
+        """A plan from a flow scheduler's ``sigmas`` ``(N + 1,)`` and ``timesteps`` ``(N,)``."""
         n = int(timesteps.numel())
         if sigmas.numel() != n + 1:
             raise ValueError(f"{sigmas.numel()} sigmas for {n} timesteps; expected N + 1")
-        t_train = num_train_timesteps
         return cls(
             curve=curve,
-            timesteps=tuple(_f32(t_train * (n - i) / n) for i in range(n)),
-            num_train_timesteps=t_train,
+            timesteps=tuple(_f32(num_train_timesteps * (n - i) / n) for i in range(n)),
+            num_train_timesteps=num_train_timesteps,
             steps_offset=0,
             sigmas=tuple(float(s) for s in sigmas.float().cpu()),
             model_timesteps=tuple(float(t) for t in timesteps.float().cpu()),
@@ -182,6 +181,13 @@ def flow_step(
     return prev.to(model_output.dtype), x0
 
 
+def _uniform_or_map(sigma: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """A 0-d sigma when all tokens share it (the scheduler's exact arithmetic, also in half
+    precision), else the ``(B, 1, H, W)`` map."""
+    uniform = _uniform(sigma)
+    return uniform if uniform is not None else upsample_tokens(sigma, patch_size)
+
+
 class FlowDenoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, capture: bool = False,
                  text_t: torch.Tensor | None = None) -> DenoiseOutput: ...
@@ -265,8 +271,8 @@ def sample_flow(
         else:
             sig_map, t_map = plan.lookup(state)  # (B, h, w) each
             sig_next_map, t_next_map = plan.lookup(nxt)
-            sigma = upsample_tokens(sig_map, patch_size)  # (B, 1, H, W)
-            sigma_next = upsample_tokens(sig_next_map, patch_size)
+            sigma = _uniform_or_map(sig_map, patch_size)
+            sigma_next = _uniform_or_map(sig_next_map, patch_size)
             t = t_map
             # text tokens follow the background ladder (dm_concave: its map is uniform)
             text_t = model_ts[i] if mode == "asyndm" else None

@@ -8,6 +8,7 @@ from a freshly seeded generator, so the modes share the initial and per-step noi
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -112,6 +113,8 @@ def run_modes(cfg: GenerateConfig, pipe=None, keep_records: bool = False) -> Run
     out = Path(cfg.out)
     write_config(cfg, out, {"model_resolved": str(getattr(pipe, "name_or_path", cfg.model))})
     result = RunResult()
+    # flow-matching pipelines (SD3) step deterministically and take no eta
+    extra = {"eta": cfg.eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}
     for mode in cfg.modes:
         result.images[mode], result.records[mode] = [], []
         for i in range(cfg.num_images):
@@ -119,7 +122,7 @@ def run_modes(cfg: GenerateConfig, pipe=None, keep_records: bool = False) -> Run
             img = pipe(
                 cfg.prompt, subjects=list(cfg.subjects) or None, k=cfg.k_values(), mode=mode,
                 curve=cfg.curve, mask_mode=cfg.mask_mode, mask_threshold=cfg.mask_threshold,
-                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, eta=cfg.eta,
+                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, **extra,
                 generator=torch.Generator().manual_seed(cfg.seed + i), height=cfg.height,
                 width=cfg.width, negative_prompt=cfg.negative_prompt,
                 callback=records.append if keep_records else None,

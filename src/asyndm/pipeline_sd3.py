@@ -20,9 +20,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from torch import nn
 
 from .adapters.sd3 import JointAttentionCapture, PerTokenTimestep
 from .denoise import DenoiseOutput, _uniform
@@ -34,12 +34,12 @@ from .subjects import SubjectSpec, batch_subjects, resolve_subjects
 
 
 def _per_prompt(subjects, n_prompts: int) -> list:
-    """One subject list for all prompts, or one list per prompt (as the UNet pipelines)."""
-    per_prompt = (
-        all(isinstance(s, (list, tuple)) and s and not isinstance(s[0], int) for s in subjects)
-        and len(subjects) == n_prompts and n_prompts > 1
-    )
-    return list(subjects) if per_prompt else [list(subjects)] * n_prompts
+    """One list per prompt when several prompts come with as many lists (as the UNet pipelines)."""
+    if n_prompts > 1 and len(subjects) == n_prompts and all(
+        isinstance(s, (list, tuple)) for s in subjects
+    ):
+        return [list(s) for s in subjects]
+    return [list(subjects)] * n_prompts
 
 
 @dataclass
@@ -88,7 +88,8 @@ class TransformerDenoiser:
         if capture:
             if self.capture is None or self.token_positions is None:
                 raise ValueError("capture requested but no JointAttentionCapture / positions set")
-            self.capture.start(self.token_positions, slice(bsz, n_in) if self.do_cfg else slice(None))
+            rows = slice(bsz, n_in) if self.do_cfg else slice(None)
+            self.capture.start(self.token_positions, rows)
         out = self.transformer(
             hidden_states=x_in, timestep=t_in, encoder_hidden_states=self.prompt_embeds,
             pooled_projections=self.pooled_embeds, return_dict=False, **extra,

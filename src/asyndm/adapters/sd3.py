@@ -32,9 +32,10 @@ conditional rows, image queries against *all* keys, which diffusers' ``JointAttn
 orders ``[image tokens; text tokens]``, after the q/k norms; softmax in float32, then the
 subject text columns (CLIP token ``p`` is text column ``p``: the joint text sequence is
 ``[CLIP-L + CLIP-G (77 tokens); T5 tokens]``). Layers (documented choice): the middle third of
-the blocks. Early MMDiT blocks attend mostly by position and late ones refine texture, while
-the middle of the stack is where text-image attention localises objects, as in the UNet's
-middle resolution; pass ``layers=`` to override.
+the blocks, by analogy with the UNet, whose masks come from its middle level rather than its
+first or last layers: in the first blocks the text stream has barely met the image, in the
+last ones the image stream is being turned into pixels. It is a heuristic, not yet measured
+on released SD3 weights; pass ``layers=`` to override.
 
 Flux (``FluxTransformer2DModel``) does not fall out: its single-stream blocks modulate the
 concatenated ``[text; image]`` sequence with one ``AdaLayerNormZeroSingle`` (a wrapper there
@@ -54,6 +55,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .attention import AttentionCapture, CaptureProcessor, _Store
 from .unet import UnsupportedModelError
 
 _NORM1_CHUNKS = {"AdaLayerNormZero": 6, "SD35AdaLayerNormZeroX": 9}
@@ -269,43 +271,21 @@ def default_capture_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(lo, max(lo + 1, 2 * num_layers // 3)))
 
 
-class _Store:
-    """Running sum of ``(B, N, P)`` probabilities over the captured layers of one call."""
-
-    def __init__(self) -> None:
-        self.positions: torch.Tensor | None = None  # (B, P) text columns to keep
-        self.rows: slice = slice(None)
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-
-class JointCaptureProcessor:
+class JointCaptureProcessor(CaptureProcessor):
     """Delegates to the layer's original processor and records image -> subject-text attention.
 
-    Args:
-        inner: the original processor (its output is returned unchanged).
-        store: where the probabilities are summed.
-        max_elements: bound on the float32 score tensor; heads are processed in chunks.
+    The output is the original processor's, unchanged (see :class:`CaptureProcessor`).
     """
 
-    def __init__(self, inner, store: _Store, max_elements: int = 2**26) -> None:
-        self.inner = inner
-        self.store = store
-        self.max_elements = max_elements
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 *args, **kwargs):
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask,
-                         *args, **kwargs)
-        st = self.store
-        if st.positions is not None and encoder_hidden_states is not None:
-            probs = self._subject_probs(attn, hidden_states, encoder_hidden_states)
-            st.total = probs if st.total is None else st.total + probs
-            st.count += 1
-        return out
+    max_elements = 2**26
+    """Bound on the float32 score tensor of one chunk of heads (256 MiB)."""
 
     def _subject_probs(self, attn, hidden_states, encoder_hidden_states) -> torch.Tensor:
-        """``(B, N, P)``: head-mean softmax probability of each image token on each column."""
+        """``(B, N, P)``: head-mean softmax probability of each image token on each column.
+
+        Scores and softmax are plain float32 (a fused kernel may round them through TF32),
+        computed a few heads at a time so the ``(B, h, N, N + L)`` matrix stays bounded.
+        """
         st = self.store
         x = hidden_states[st.rows]  # (B, N, D)
         ctx = encoder_hidden_states[st.rows]  # (B, L, D)
@@ -325,19 +305,21 @@ class JointCaptureProcessor:
         keys = torch.cat([k_img, k_txt], dim=2)  # (B, H, N + L, d): image keys first
         scale = q.shape[-1] ** -0.5  # scaled_dot_product_attention's default
         cols = (n_img + st.positions)[:, None, None, :]  # (B, 1, 1, P)
-        per_head = max(1, self.max_elements // max(1, bsz * n_img * keys.shape[2]))
-        total = None
-        for h0 in range(0, heads, per_head):
-            qh, kh = q[:, h0:h0 + per_head].float(), keys[:, h0:h0 + per_head].float()
+        chunk = max(1, self.max_elements // (bsz * n_img * keys.shape[2]))
+        total = 0.0
+        for h0 in range(0, heads, chunk):
+            qh, kh = q[:, h0:h0 + chunk].float(), keys[:, h0:h0 + chunk].float()
             probs = ((qh @ kh.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, h, N, N + L)
             picked = probs.gather(-1, cols.expand(-1, qh.shape[1], n_img, -1))  # (B, h, N, P)
-            part = picked.sum(dim=1)  # (B, N, P)
-            total = part if total is None else total + part
+            total = total + picked.sum(dim=1)  # (B, N, P)
         return total / heads
 
 
-class JointAttentionCapture:
+class JointAttentionCapture(AttentionCapture):
     """Install capture processors on the joint attention of some blocks.
+
+    ``remove``, ``start`` and ``stop`` (which returns ``(B, P, h, w)`` token-grid maps, mean
+    over heads, then over layers) are :class:`AttentionCapture`'s.
 
     Args:
         transformer: an ``SD3Transformer2DModel``.
@@ -347,48 +329,21 @@ class JointAttentionCapture:
 
     def __init__(self, transformer: nn.Module, token_hw: tuple[int, int],
                  layers: tuple[int, ...] | None = None) -> None:
-        num = len(transformer.transformer_blocks)
-        self.layers = default_capture_layers(num) if layers is None else tuple(layers)
-        if not self.layers or any(not 0 <= i < num for i in self.layers):
-            raise ValueError(f"capture layers must be block indices in [0, {num}), "
-                             f"got {self.layers}")
+        blocks = transformer.transformer_blocks
+        idx = default_capture_layers(len(blocks)) if layers is None else tuple(layers)
+        if not idx or any(not 0 <= i < len(blocks) for i in idx):
+            raise ValueError(f"capture layers must be block indices in [0, {len(blocks)}), "
+                             f"got {idx}")
         self.transformer = transformer
         self.map_hw = tuple(token_hw)
+        self.layers = {f"transformer_blocks.{i}.attn": blocks[i].attn for i in idx}
         self._store = _Store()
-        self._originals: dict[int, object] = {}
+        self._originals: dict[str, object] = {}
 
     def install(self) -> "JointAttentionCapture":
         if self._originals:
             return self
-        for i in self.layers:
-            attn = self.transformer.transformer_blocks[i].attn
-            self._originals[i] = attn.processor
-            attn.set_processor(JointCaptureProcessor(attn.processor, self._store))
+        for name, mod in self.layers.items():
+            self._originals[name] = mod.processor
+            mod.set_processor(JointCaptureProcessor(mod.processor, self._store))
         return self
-
-    def remove(self) -> None:
-        for i, proc in self._originals.items():
-            self.transformer.transformer_blocks[i].attn.set_processor(proc)
-        self._originals.clear()
-
-    def __enter__(self) -> "JointAttentionCapture":
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def start(self, positions: torch.Tensor, rows: slice = slice(None)) -> None:
-        """Record the next call: text columns ``positions`` ``(B, P)`` of batch rows ``rows``."""
-        st = self._store
-        st.positions, st.rows, st.total, st.count = positions, rows, None, 0
-
-    def stop(self) -> torch.Tensor:
-        """Stop recording; return ``(B, P, h, w)``: mean over heads, then over layers."""
-        st = self._store
-        total, count = st.total, st.count
-        st.positions, st.total, st.count = None, None, 0
-        if total is None:
-            raise RuntimeError("no attention was captured: was the transformer called?")
-        mean = total / count  # (B, N, P)
-        bsz, _, n_pos = mean.shape
-        return mean.transpose(1, 2).reshape(bsz, n_pos, *self.map_hw)  # (B, P, h, w)
