@@ -1,0 +1,160 @@
+"""Thin ``asyndm bench`` and ``asyndm report`` subcommands: parse, build a config, call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..sampler import MODES
+
+__all__ = ["add_bench_arguments", "add_report_arguments", "run_bench_cli", "run_report_cli"]
+
+BENCH_EXAMPLE = """\
+variants: MODE[:KEY=VALUE,...] with keys curve, k, mask (dynamic|static), thr, name,
+  e.g. asyndm:curve=piecewise,k=0.5 or asyndm:mask=static,thr=1.2,name=static
+
+example (the embedded model on ShapesBench, then the report):
+  asyndm bench --suite shapes --modes dm dm_concave asyndm \\
+      --variant asyndm:curve=piecewise --seeds 4 --steps 25 --out out/bench
+  asyndm report out/bench
+
+several processes (GPUs; on a CPU-only machine add --multi_gpu and --device cpu):
+  accelerate launch --num_processes 2 -m asyndm.bench bench --suite shapes --out out/bench
+"""
+
+REPORT_EXAMPLE = """\
+example:
+  asyndm report out/bench --baseline dm --resamples 2000
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, and keep the example's lines as written (copy-pasteable)."""
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return shard
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser`` (also sets its formatter and example)."""
+    parser.formatter_class = _Formatter
+    parser.epilog = BENCH_EXAMPLE
+    p = parser
+    p.add_argument("--model", default=None,
+                   help="diffusers model folder or hub id (None: the embedded model)")
+    p.add_argument("--suite", default="shapes",
+                   help="built-in suite name (shapes) or a JSON prompt file: a list of "
+                        "prompts (paper format, with <stem>_item.json beside it) or of "
+                        '{"prompt", "subjects", "k", "category"} objects')
+    p.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES),
+                   help="modes to run with default settings (one variant each)")
+    p.add_argument("--variant", dest="variants", action="append", default=[],
+                   metavar="MODE[:KEY=VALUE,...]",
+                   help="an extra variant (repeatable); syntax below")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the paper uses 1.0)")
+    p.add_argument("--out", default="out/bench",
+                   help="run folder: results.sqlite, images/, bench_config.json; running "
+                        "again resumes")
+    p.add_argument("--metrics", nargs="*", default=None,
+                   help="metrics to score with (shapes, clipscore); None: shapes for the "
+                        "shapes suite, none otherwise")
+    p.add_argument("--clip-model", default=None,
+                   help="local CLIP model folder (safetensors) for the clipscore metric")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images (seeds of one prompt) per pipeline call")
+    p.add_argument("--device", default="auto",
+                   help="torch device; auto: the process's accelerator under accelerate "
+                        "launch, else the machine's, else cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="network dtype")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N prompts of the suite (None: all)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="run only work units I, I+N, ... (None: from accelerate launch)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    """Run ``asyndm bench`` from parsed arguments; returns the exit status."""
+    from .runner import BenchConfig, run_bench
+    from .variants import default_variants, parse_variant
+
+    variants = default_variants(args.modes) + tuple(parse_variant(v) for v in args.variants)
+    config = BenchConfig(
+        suite=args.suite, out=args.out, model=args.model, variants=variants, seeds=args.seeds,
+        first_seed=args.first_seed, steps=args.steps, guidance=args.guidance, eta=args.eta,
+        metrics=None if args.metrics is None else tuple(args.metrics),
+        clip_model=args.clip_model, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, limit=args.limit, shard=args.shard,
+    )
+    try:
+        s = run_bench(config, progress=not args.no_progress)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    index, count = s.shard
+    print(f"bench {index + 1}/{count}: {s.total} images, {s.done_before} already done, "
+          f"{s.generated} generated" + (f", {s.rescored} rescored" if s.rescored else "")
+          + f"; report: asyndm report {s.out}")
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``report`` options to ``parser`` (also sets its formatter and example)."""
+    from .report import N_RESAMPLES
+
+    parser.formatter_class = _Formatter
+    parser.epilog = REPORT_EXAMPLE
+    parser.add_argument("out", metavar="DIR", help="run folder of asyndm bench")
+    parser.add_argument("--baseline", default="dm",
+                        help="variant the paired differences are taken against")
+    parser.add_argument("--resamples", type=int, default=N_RESAMPLES,
+                        help="bootstrap resamples of the confidence intervals")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--examples", type=int, default=6,
+                        help="rows of examples.png (units where the variants disagree)")
+
+
+def run_report_cli(args: argparse.Namespace) -> int:
+    """Run ``asyndm report`` from parsed arguments; returns the exit status."""
+    from .report import write_report
+
+    files = write_report(args.out, baseline=args.baseline, n_resamples=args.resamples,
+                         seed=args.seed, examples=args.examples)
+    for path in (files.report, files.csv, *files.plots, files.examples):
+        if path is not None:
+            print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m asyndm.bench {bench,report} ...`` (also under ``accelerate launch -m``)."""
+    parser = argparse.ArgumentParser(prog="python -m asyndm.bench", formatter_class=_Formatter,
+                                     description="Benchmark AsynDM variants on a prompt suite.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_bench_arguments(sub.add_parser("bench", help="generate, score and record images"))
+    add_report_arguments(sub.add_parser("report", help="report.md, results.csv and plots"))
+    args = parser.parse_args(argv)
+    run = run_bench_cli if args.command == "bench" else run_report_cli
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"asyndm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"asyndm {args.command}: interrupted; run again to resume", file=sys.stderr)
+        return 130
