@@ -149,29 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=_cmd_demo)
 
-    try:
-        from .shapes.train_cli import add_arguments as add_train, run as run_train
+    from .bench.cli import (add_bench_arguments, add_report_arguments, run_bench_cli,
+                            run_report_cli)
+    from .shapes.train_cli import add_arguments as add_train_arguments
+    from .shapes.train_cli import run as run_train
 
-        p = sub.add_parser("train-shapes", help="train the embedded ShapesBench model",
-                           formatter_class=_FMT)
-        add_train(p)
-        p.set_defaults(func=run_train)
-    except ImportError:  # pragma: no cover - the training extra is part of the package
-        pass
-    try:
-        from .bench.cli import (add_bench_arguments, add_report_arguments, run_bench_cli,
-                                run_report_cli)
-
-        p = sub.add_parser("bench", help="benchmark modes/variants on a prompt suite",
-                           formatter_class=_FMT)
-        add_bench_arguments(p)
-        p.set_defaults(func=run_bench_cli)
-        p = sub.add_parser("report", help="report.md, results.csv and plots of a bench run",
-                           formatter_class=_FMT)
-        add_report_arguments(p)
-        p.set_defaults(func=run_report_cli)
-    except ImportError:  # pragma: no cover
-        pass
+    p = sub.add_parser("train-shapes", help="train the embedded ShapesBench model",
+                       formatter_class=_FMT)
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+    p = sub.add_parser("bench", help="benchmark modes/variants on a prompt suite",
+                       formatter_class=_FMT)
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench_cli)
+    p = sub.add_parser("report", help="report.md, results.csv and plots of a bench run",
+                       formatter_class=_FMT)
+    add_report_arguments(p)
+    p.set_defaults(func=run_report_cli)
     return parser
 
 

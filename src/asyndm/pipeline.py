@@ -272,8 +272,15 @@ class AsynDMPipeline(_AsynDMMixin, StableDiffusionPipeline):
         requires_safety_checker: bool = False,
     ):
         # annotations as in the parent: diffusers matches components by them (from_pipe)
+        # The parent turns a scheduler's clip_sample off (a fix for old SD checkpoints); a
+        # pixel-space model (no VAE) is trained for x0 clipping to [-1, 1], so keep it there.
+        keep_clip = vae is None and bool(getattr(scheduler.config, "clip_sample", False))
+        if keep_clip:
+            scheduler.register_to_config(clip_sample=False)
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker,
                          feature_extractor, image_encoder, requires_safety_checker)
+        if keep_clip:
+            self.scheduler.register_to_config(clip_sample=True)
         self._setup_pixel_space()
 
     def _encode(self, prompts, negative_prompt, n_per_prompt, do_cfg, device, height, width,
