@@ -8,7 +8,7 @@ from PIL import Image
 
 from asyndm.cli import build_parser, main
 from asyndm.pipeline import AsynDMPipeline
-from test_schedules import REF_NAMES, reference_cases
+from test_schedules import reference_cases
 
 
 @pytest.fixture(scope="module")

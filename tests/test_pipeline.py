@@ -5,7 +5,7 @@ from diffusers import (DPMSolverMultistepScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 
 from asyndm.pipeline import AsynDMPipeline, AsynDMXLPipeline
-from conftest import ddim, tiny_text_encoder
+from conftest import ddim
 
 PROMPT = "a cat eating a sandwich"
 
@@ -107,10 +107,9 @@ def test_save_and_load_round_trip(pipe, tmp_path):
 
 
 def test_pixel_space_model_without_vae(sd_components, tokenizer):
-    from conftest import tiny_unet
-    import torch as _t
-    _t.manual_seed(0)
     from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=12, out_channels=12, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,

@@ -26,7 +26,7 @@ DEMO_PROMPTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("a square the same colour as the circle", ("square", "circle")),
 )
 DEMO_K = 0.3
-DEMO_GUIDANCE = 5.0
+DEMO_GUIDANCE = 4.0
 
 
 def _verdicts(images: list[Image.Image], prompts: list[str]) -> list[str]:
@@ -64,9 +64,10 @@ def run_demo(
         ).images
     verdicts = {m: _verdicts(images[m], prompts) for m in MODES}
     rows = [[images[m][i] for m in MODES] for i in range(len(prompts))]
-    titles = [f"{p}  [{' | '.join(verdicts[m][i] for m in MODES)}]"
-              for i, p in enumerate(prompts)]
-    grid = comparison_grid(rows, ["DM", "DM_concave", "AsynDM"], titles, cell=160)
+    captions = [[f"scorer: {verdicts[m][i]}" if verdicts[m][i] else "" for m in MODES]
+                for i in range(len(prompts))]
+    grid = comparison_grid(rows, ["DM", "DM_concave", "AsynDM"], prompts, cell=160,
+                           captions=captions)
     paths = [out / "compare.png"]
     tmp = paths[0].with_name("compare.png.tmp")
     grid.save(tmp, format="PNG")

@@ -30,10 +30,12 @@ from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
 from .adapters.attention import AttentionCapture
 from .adapters.unet import PerPixelTimestep
 from .denoise import UNetDenoiser
-from .sampler import MASK_MODES, MODES, StepRecord, sample, static_labels_from_attention
-from .schedules import CURVES, SchedulePlan
+from .call_common import (StepRecorder, check_call, check_generators, generator_states,
+                          resolve_all, restore_generators)
+from .sampler import StepRecord, sample, static_labels_from_attention
+from .schedules import SchedulePlan
 from .step import StepConfig
-from .subjects import SubjectSpec, batch_subjects, resolve_subjects
+from .subjects import SubjectSpec, batch_subjects
 
 
 @dataclass
@@ -48,21 +50,6 @@ class AsynDMPipelineOutput(BaseOutput):
     """``(N, B, h, w)`` int64 timestep map of every step."""
     label_maps: torch.Tensor | None = None
     """``(N, B, h, w)`` region labels used at every step (``asyndm`` only)."""
-
-
-def _generator_states(generator) -> list | None:
-    if generator is None:
-        return None
-    gens = generator if isinstance(generator, list) else [generator]
-    return [g.get_state() for g in gens]
-
-
-def _restore(generator, states) -> None:
-    if generator is None:
-        return
-    gens = generator if isinstance(generator, list) else [generator]
-    for g, s in zip(gens, states):
-        g.set_state(s)
 
 
 class _AsynDMMixin:
@@ -122,20 +109,8 @@ class _AsynDMMixin:
         encode_kwargs: dict,
     ):
         # 1. validate what a user can get wrong, before any model work
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if curve not in CURVES:
-            raise ValueError(f"curve must be one of {sorted(CURVES)}, got {curve!r}")
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        if not mask_threshold > 0:
-            raise ValueError(f"mask_threshold must be > 0, got {mask_threshold}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        prompts = check_call(mode, curve, mask_mode, mask_threshold, num_inference_steps, prompt)
         self._check_scheduler()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
         factor = self.vae_scale_factor
         default = self.unet.config.sample_size * factor
         height, width = height or default, width or default
@@ -143,24 +118,8 @@ class _AsynDMMixin:
             raise ValueError(f"height and width must be positive multiples of {factor}")
         plan = SchedulePlan.from_scheduler(self.scheduler, num_inference_steps, curve)
         bsz = len(prompts) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != bsz:
-            raise ValueError(f"{len(generator)} generators for a batch of {bsz} images")
-        resolved = None
-        if subjects is not None and len(subjects) > 0:
-            # one list per prompt when several prompts come with as many lists
-            per_prompt = (
-                [list(s) for s in subjects]
-                if len(prompts) > 1 and len(subjects) == len(prompts)
-                and all(isinstance(s, (list, tuple)) for s in subjects)
-                else [list(subjects)] * len(prompts)
-            )
-            resolved = [resolve_subjects(self.tokenizer, p, s, k)
-                        for p, s in zip(prompts, per_prompt)]
-            for subs in resolved:
-                for sub in subs:
-                    plan.validate_k(sub.k)
-        elif mode != "dm":
-            raise ValueError(f"mode {mode!r} needs subjects (words of the prompt, e.g. 'cat')")
+        check_generators(generator, bsz)
+        resolved = resolve_all(self.tokenizer, prompts, subjects, k, mode, plan)
         device = self._execution_device
         self._guidance_scale = guidance_scale
 
@@ -172,7 +131,7 @@ class _AsynDMMixin:
             subj = batch_subjects([s for s in resolved for _ in range(num_images_per_prompt)],
                                   device)
         latent_hw = (height // factor, width // factor)
-        states = _generator_states(generator)
+        states = generator_states(generator)
 
         def init_latents():
             return self.prepare_latents(bsz, self.unet.config.in_channels, height, width,
@@ -184,13 +143,7 @@ class _AsynDMMixin:
         alphas = self.scheduler.alphas_cumprod
         final_alpha = self.scheduler.final_alpha_cumprod
         step_cfg = StepConfig.from_scheduler(self.scheduler, eta)
-        records: list[StepRecord] = []
-
-        def on_step(rec: StepRecord) -> None:
-            if return_timestep_maps:
-                records.append(rec)
-            if callback is not None:
-                callback(rec)
+        recorder = StepRecorder(return_timestep_maps, callback)
 
         with ExitStack() as stack:
             capture = None
@@ -208,11 +161,11 @@ class _AsynDMMixin:
                              noise_fn=noise_fn, progress=self._progress)
                 static = static_labels_from_attention(pre.attention, subj, latent_hw,
                                                       mask_threshold)
-                _restore(generator, states)
+                restore_generators(generator, states)
             # 4. the run itself
             result = sample(denoise, init_latents(), plan, alphas, final_alpha, step_cfg,
                             mode=mode, subjects=subj, mask_threshold=mask_threshold,
-                            static_labels=static, noise_fn=noise_fn, callback=on_step,
+                            static_labels=static, noise_fn=noise_fn, callback=recorder,
                             progress=self._progress)
 
         # 5. decode and post-process (the parent's image processor)
@@ -222,12 +175,9 @@ class _AsynDMMixin:
             decoded = self._decode(result.latents)
             images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
         self.maybe_free_model_hooks()
-        out = AsynDMPipelineOutput(
-            images=images, mode=mode, masks=result.labels,
-            timestep_maps=torch.stack([r.timesteps for r in records]) if records else None,
-            label_maps=(torch.stack([r.labels for r in records])
-                        if records and records[0].labels is not None else None),
-        )
+        out = AsynDMPipelineOutput(images=images, mode=mode, masks=result.labels,
+                                   timestep_maps=recorder.timestep_maps(),
+                                   label_maps=recorder.label_maps())
         return out if return_dict else (out.images,)
 
     def _progress(self, n: int):

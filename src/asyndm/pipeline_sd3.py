@@ -27,19 +27,11 @@ from torch import nn
 from .adapters.sd3 import JointAttentionCapture, PerTokenTimestep
 from .denoise import DenoiseOutput, _uniform
 from .flow import FlowPlan, sample_flow
-from .pipeline import AsynDMPipelineOutput, _generator_states, _restore
-from .sampler import MASK_MODES, MODES, StepRecord, static_labels_from_attention
-from .schedules import CURVES
-from .subjects import SubjectSpec, batch_subjects, resolve_subjects
-
-
-def _per_prompt(subjects, n_prompts: int) -> list:
-    """One list per prompt when several prompts come with as many lists (as the UNet pipelines)."""
-    if n_prompts > 1 and len(subjects) == n_prompts and all(
-        isinstance(s, (list, tuple)) for s in subjects
-    ):
-        return [list(s) for s in subjects]
-    return [list(subjects)] * n_prompts
+from .call_common import (StepRecorder, check_call, check_generators, generator_states,
+                          resolve_all, restore_generators)
+from .pipeline import AsynDMPipelineOutput
+from .sampler import StepRecord, static_labels_from_attention
+from .subjects import SubjectSpec, batch_subjects
 
 
 @dataclass
@@ -166,22 +158,10 @@ class AsynDMSD3Pipeline(StableDiffusion3Pipeline):
             Others as in ``StableDiffusion3Pipeline``.
         """
         # 1. validate what a user can get wrong, before any model work
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if curve not in CURVES:
-            raise ValueError(f"curve must be one of {sorted(CURVES)}, got {curve!r}")
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        if not mask_threshold > 0:
-            raise ValueError(f"mask_threshold must be > 0, got {mask_threshold}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        prompts = check_call(mode, curve, mask_mode, mask_threshold, num_inference_steps, prompt)
         if not isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"AsynDM on SD3 takes Euler flow steps; this pipeline has "
                              f"{type(self.scheduler).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
         patch = self.transformer.config.patch_size
         factor = self.vae_scale_factor
         height = height or self.default_sample_size * factor
@@ -191,16 +171,8 @@ class AsynDMSD3Pipeline(StableDiffusion3Pipeline):
         token_hw = (height // factor // patch, width // factor // patch)
         plan = self._plan(num_inference_steps, curve, token_hw[0] * token_hw[1])
         bsz = len(prompts) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != bsz:
-            raise ValueError(f"{len(generator)} generators for a batch of {bsz} images")
-        resolved = None
-        if subjects is not None and len(subjects) > 0:
-            resolved = [resolve_subjects(self.tokenizer, p, s, k)
-                        for p, s in zip(prompts, _per_prompt(subjects, len(prompts)))]
-            for sub in (s for subs in resolved for s in subs):
-                plan.validate_k(sub.k)
-        elif mode != "dm":
-            raise ValueError(f"mode {mode!r} needs subjects (words of the prompt, e.g. 'cat')")
+        check_generators(generator, bsz)
+        resolved = resolve_all(self.tokenizer, prompts, subjects, k, mode, plan)
         device = self._execution_device
 
         # 2. text conditioning (the parent's encoders), [negative; positive] with guidance
@@ -216,19 +188,13 @@ class AsynDMSD3Pipeline(StableDiffusion3Pipeline):
         if resolved is not None:
             subj = batch_subjects([s for s in resolved for _ in range(num_images_per_prompt)],
                                   device)
-        states = _generator_states(generator)
+        states = generator_states(generator)
 
         def init_latents():
             return self.prepare_latents(bsz, self.transformer.config.in_channels, height, width,
                                         embeds.dtype, device, generator, latents)
 
-        records: list[StepRecord] = []
-
-        def on_step(rec: StepRecord) -> None:
-            if return_timestep_maps:
-                records.append(rec)
-            if callback is not None:
-                callback(rec)
+        recorder = StepRecorder(return_timestep_maps, callback)
 
         with ExitStack() as stack:
             capture = None
@@ -246,21 +212,18 @@ class AsynDMSD3Pipeline(StableDiffusion3Pipeline):
                                   capture_attention=True, progress=self._progress)
                 static = static_labels_from_attention(pre.attention, subj, token_hw,
                                                       mask_threshold)
-                _restore(generator, states)
+                restore_generators(generator, states)
             # 4. the run itself
             result = sample_flow(denoise, init_latents(), plan, patch, mode=mode, subjects=subj,
                                  mask_threshold=mask_threshold, static_labels=static,
-                                 callback=on_step, progress=self._progress)
+                                 callback=recorder, progress=self._progress)
 
         # 5. decode and post-process (the parent's VAE and image processor)
         images = self._decode(result.latents, output_type)
         self.maybe_free_model_hooks()
-        out = AsynDMPipelineOutput(
-            images=images, mode=mode, masks=result.labels,
-            timestep_maps=torch.stack([r.timesteps for r in records]) if records else None,
-            label_maps=(torch.stack([r.labels for r in records])
-                        if records and records[0].labels is not None else None),
-        )
+        out = AsynDMPipelineOutput(images=images, mode=mode, masks=result.labels,
+                                   timestep_maps=recorder.timestep_maps(),
+                                   label_maps=recorder.label_maps())
         return out if return_dict else (out.images,)
 
     def _progress(self, n: int):

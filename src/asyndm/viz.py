@@ -30,28 +30,33 @@ def comparison_grid(
     column_titles: Sequence[str],
     row_titles: Sequence[str] | None = None,
     cell: int = 192,
+    captions: Sequence[Sequence[str]] | None = None,
 ) -> Image.Image:
     """A labelled grid: one row per image/prompt, one column per mode.
 
-    Small images (the embedded model's 32x32) are upscaled with nearest neighbour so pixels
-    stay visible.
+    Each row gets its title as a full-width band above it, and each cell an optional caption
+    under it (e.g. the scorer's verdict). Small images (the embedded model's 32x32) are
+    upscaled with nearest neighbour so pixels stay visible.
     """
     n_rows, n_cols = len(rows), len(column_titles)
-    head, side = 18, 0
-    if row_titles is not None:
-        side = 6 * max((len(t) for t in row_titles), default=0) + 8
-        side = min(side, 320)
-    grid = Image.new("RGB", (side + n_cols * cell, head + n_rows * cell), (255, 255, 255))
+    head = 18
+    band = 16 if row_titles is not None else 0
+    foot = 16 if captions is not None else 0
+    row_h = band + cell + foot
+    grid = Image.new("RGB", (n_cols * cell, head + n_rows * row_h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for c, title in enumerate(column_titles):
-        draw.text((side + c * cell + 4, 3), title, fill=(0, 0, 0))
+        draw.text((c * cell + 4, 3), title, fill=(0, 0, 0))
     for r, row in enumerate(rows):
+        top = head + r * row_h
         if row_titles is not None:
-            draw.text((4, head + r * cell + cell // 2 - 6), row_titles[r][:50], fill=(0, 0, 0))
+            draw.rectangle((0, top, n_cols * cell, top + band - 1), fill=(235, 235, 235))
+            draw.text((4, top + 2), row_titles[r], fill=(0, 0, 0))
         for c, img in enumerate(row):
             resample = Image.NEAREST if img.width < cell else Image.BICUBIC
-            grid.paste(img.convert("RGB").resize((cell, cell), resample),
-                       (side + c * cell, head + r * cell))
+            grid.paste(img.convert("RGB").resize((cell, cell), resample), (c * cell, top + band))
+            if captions is not None and captions[r][c]:
+                draw.text((c * cell + 4, top + band + cell + 2), captions[r][c], fill=(0, 0, 0))
     return grid
 
 
