@@ -9,6 +9,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from asyndm.shapes.tokenizer import write_clip_tokenizer
 
+# Tiny models: one thread is fastest, and on a shared 2-core machine two OpenMP threads
+# spin-wait on each other (measured 5-30x slower under load).
+torch.set_num_threads(1)
+
 WORDS = [
     "a", "an", "the", "cat", "dog", "eating", "sandwich", "playing", "basketball", "red",
     "blue", "car", "driving", "and", "on", "table", "with", "photo", "of", "horse", "two",

@@ -86,6 +86,7 @@ class CaptureProcessor:
     def __init__(self, inner, store: _Store) -> None:
         self.inner = inner
         self.store = store
+        self._keys: tuple | None = None  # (text tensor, its version, rows, (B, H, d, L) keys)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
@@ -96,25 +97,41 @@ class CaptureProcessor:
             st.add(self._subject_probs(attn, hidden_states, encoder_hidden_states))
         return out
 
+    def _scaled_keys(self, attn, encoder_hidden_states) -> torch.Tensor:
+        """``(B, H, d, L)`` float32 keys of the recorded rows, times the attention scale.
+
+        The text is the same tensor at every step of a run, so the keys are computed once
+        and kept while that tensor (same object, unmodified) and the rows stay the same.
+        """
+        st = self.store
+        cached = self._keys
+        if (cached is not None and cached[0] is encoder_hidden_states
+                and cached[1] == encoder_hidden_states._version and cached[2] == st.rows):
+            return cached[3]
+        ctx = encoder_hidden_states[st.rows]
+        if getattr(attn, "norm_cross", None):
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        k = attn.to_k(ctx)  # (B, L, H*d)
+        bsz, n_k, inner = k.shape
+        k = k.reshape(bsz, n_k, attn.heads, inner // attn.heads).transpose(1, 2)  # (B, H, L, d)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        k_t = k.float().transpose(-1, -2) * attn.scale  # (B, H, d, L)
+        self._keys = (encoder_hidden_states, encoder_hidden_states._version, st.rows, k_t)
+        return k_t
+
     def _subject_probs(self, attn, hidden_states, encoder_hidden_states) -> torch.Tensor:
         st = self.store
         x = hidden_states[st.rows]
         if x.ndim == 4:
             x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
-        ctx = encoder_hidden_states[st.rows]
-        if getattr(attn, "norm_cross", None):
-            ctx = attn.norm_encoder_hidden_states(ctx)
         q = attn.to_q(x)  # (B, N, H*d)
-        k = attn.to_k(ctx)  # (B, L, H*d)
         bsz, n_q, inner = q.shape
         heads = attn.heads
         q = q.reshape(bsz, n_q, heads, inner // heads).transpose(1, 2)  # (B, H, N, d)
-        k = k.reshape(bsz, k.shape[1], heads, inner // heads).transpose(1, 2)  # (B, H, L, d)
         if getattr(attn, "norm_q", None) is not None:
             q = attn.norm_q(q)
-        if getattr(attn, "norm_k", None) is not None:
-            k = attn.norm_k(k)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale  # (B, H, N, L)
+        scores = q.float() @ self._scaled_keys(attn, encoder_hidden_states)  # (B, H, N, L)
         probs = scores.softmax(dim=-1)
         pos = st.positions[:, None, None, :].expand(-1, heads, n_q, -1)  # (B, H, N, P)
         return probs.gather(-1, pos).mean(dim=1)  # (B, N, P)

@@ -19,6 +19,13 @@ How it works (no diffusers code is copied or patched):
    Since ``conv1(h) + temb`` is exactly where diffusers adds the embedding for
    ``time_embedding_norm="default"``, the block computes what it would for a uniform map.
 
+Cost: every operator counts (a fast GPU running SD at batch 1-2 waits on the host's
+operator dispatch), so each ResNet adds two: its ``(B, U)``-row projection and one
+``baddbmm`` that gathers and adds at once (``conv1 + proj @ one_hot``, the one-hot of the
+map at the block's resolution holding a single 1 per pixel, so the sum is exact). The
+activation of the table, the zeros and the per-resolution one-hot maps are made once per
+call (the zeros once per install).
+
 Removing the hooks (``remove()`` or leaving the ``with`` block) restores the UNet exactly.
 """
 
@@ -79,7 +86,8 @@ class _CallState:
     dtype: torch.dtype = torch.float32
     extra: torch.Tensor | None = None  # (B, C) per-sample embedding before the activation
     emb: torch.Tensor | None = None  # (B, U, C) full embedding after the activation
-    index_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    acts: dict[type, torch.Tensor] = field(default_factory=dict)  # ResNet act -> (B, U, C)
+    one_hot: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (B, U, h*w)
 
 
 class PerPixelTimestep:
@@ -94,6 +102,7 @@ class PerPixelTimestep:
         self.unet = unet
         self._handles: list[RemovableHandle] = []
         self._state: _CallState | None = None
+        self._zeros: dict[tuple, torch.Tensor] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def install(self) -> "PerPixelTimestep":
@@ -119,6 +128,7 @@ class PerPixelTimestep:
             h.remove()
         self._handles.clear()
         self._state = None
+        self._zeros.clear()
 
     def __enter__(self) -> "PerPixelTimestep":
         return self.install()
@@ -153,7 +163,12 @@ class PerPixelTimestep:
     def _zero_when_active(self, module, args, output):
         if self._state is None:
             return None
-        return torch.zeros_like(output)
+        # one zero tensor per shape: the UNet only reads it (``h + temb``, out of place)
+        key = (tuple(output.shape), output.dtype, output.device)
+        zeros = self._zeros.get(key)
+        if zeros is None:
+            zeros = self._zeros[key] = torch.zeros_like(output)
+        return zeros
 
     def _record_extra(self, module, args):
         if self._state is not None:
@@ -180,30 +195,38 @@ class PerPixelTimestep:
             st.emb = emb
         return st.emb
 
-    def _index_at(self, st: _CallState, size: tuple[int, int]) -> torch.Tensor:
-        """``(B, h_l * w_l)`` index map resized (nearest) to a block's resolution."""
-        idx = st.index_cache.get(size)
-        if idx is None:
-            inv = st.inverse
-            if tuple(inv.shape[-2:]) != size:
-                inv = F.interpolate(inv[:, None].float(), size=size, mode="nearest")[:, 0]
-            idx = inv.long().flatten(1)  # (B, h_l * w_l)
-            st.index_cache[size] = idx
-        return idx
+    def _one_hot_at(self, st: _CallState, size: tuple[int, int], dtype) -> torch.Tensor:
+        """``(B, U, h_l * w_l)`` one-hot of the map resized (nearest) to a block's resolution."""
+        one_hot = st.one_hot.get(size)
+        if one_hot is None:
+            full_hw = tuple(st.inverse.shape[-2:])
+            if full_hw not in st.one_hot:
+                codes = torch.arange(st.values.numel(), device=st.inverse.device)  # (U,)
+                full = (st.inverse[:, None] == codes[:, None, None]).to(dtype)  # (B, U, h, w)
+                st.one_hot[full_hw] = full.flatten(2)  # (B, U, h*w)
+            one_hot = st.one_hot[full_hw]
+            if size != full_hw:
+                # nearest resizing of the one-hot picks the same pixels as resizing the map
+                full = one_hot.unflatten(2, full_hw)  # (B, U, h, w)
+                one_hot = F.interpolate(full, size=size, mode="nearest").flatten(2)
+                st.one_hot[size] = one_hot  # (B, U, h_l * w_l)
+        return one_hot
 
     def _make_conv1_hook(self, resnet: nn.Module):
         def hook(module, args, output):
             st = self._state
             if st is None:
                 return None
-            temb = self._embedding(st)
-            if not resnet.skip_time_act:
-                temb = resnet.nonlinearity(temb)
-            proj = resnet.time_emb_proj.forward(temb)  # (B, U, C_out)
-            bsz, c_out, h, w = output.shape
-            idx = self._index_at(st, (h, w))  # (B, h*w)
-            per_pixel = proj.gather(1, idx[:, :, None].expand(-1, -1, c_out))  # (B, h*w, C_out)
-            per_pixel = per_pixel.transpose(1, 2).reshape(bsz, c_out, h, w)  # (B, C_out, h, w)
-            return output + per_pixel
+            act = None if resnet.skip_time_act else type(resnet.nonlinearity)
+            temb = st.acts.get(act)
+            if temb is None:
+                temb = self._embedding(st)
+                if act is not None:
+                    temb = resnet.nonlinearity(temb)
+                st.acts[act] = temb  # (B, U, C), shared by every ResNet with this activation
+            proj = resnet.time_emb_proj.forward(temb).transpose(1, 2)  # (B, C_out, U)
+            one_hot = self._one_hot_at(st, tuple(output.shape[-2:]), proj.dtype)  # (B, U, h*w)
+            # conv1(h) + proj[u(pixel)]: one matmul that gathers and adds (exactly)
+            return torch.baddbmm(output.flatten(2), proj, one_hot).view_as(output)
 
         return hook
