@@ -46,8 +46,9 @@ from typing import Protocol
 import torch
 
 from .denoise import DenoiseOutput, _uniform
-from .masks import initial_labels, k_map_from_labels, region_labels, resize_labels
-from .sampler import MODES, SampleResult, StepRecord, Subjects
+from .masks import k_map_from_labels
+from .sampler import (SampleResult, StepRecord, Subjects, check_sample_args, initial_regions,
+                      regions_from_attention)
 from .schedules import CURVES, FINAL_STATE, SchedulePlan, advance
 
 
@@ -224,12 +225,7 @@ def sample_flow(
 
     Records carry float32 token maps of network timesteps (``sigma * T``; ``0`` = clean).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "dm" and subjects is None:
-        raise ValueError(f"mode {mode!r} needs subjects")
-    if capture_attention and subjects is None:
-        raise ValueError("capture_attention needs subjects")
+    check_sample_args(mode, subjects, capture_attention)
     bsz, _, big_h, big_w = latents.shape
     if big_h % patch_size or big_w % patch_size:
         raise ValueError(f"latent size {(big_h, big_w)} is not a multiple of {patch_size}")
@@ -244,16 +240,7 @@ def sample_flow(
     model_ts = torch.tensor((*plan.model_timesteps, 0.0), dtype=torch.float32, device=device)
 
     # 1. the regions of the first transition; every token starts at pure noise
-    labels: torch.Tensor | None = None
-    if mode == "asyndm":
-        k = subjects.k.to(device)
-        labels = (
-            static_labels.to(device) if static_labels is not None
-            else initial_labels(subjects.first_position.to(device), k, (h, w))
-        )
-    elif mode == "dm_concave":
-        k = subjects.k.max(dim=1, keepdim=True).values.to(device)  # (B, 1)
-        labels = torch.zeros(bsz, h, w, dtype=torch.long, device=device)
+    labels, k = initial_regions(mode, subjects, static_labels, bsz, (h, w), device)
     state = torch.full((bsz, h, w), plan.initial, dtype=torch.float32, device=device)
     k_map = k_map_from_labels(labels, k) if labels is not None else torch.zeros_like(state)
 
@@ -287,9 +274,7 @@ def sample_flow(
             subj_attn = subjects.subject_attention(out.attention)  # (B, S, hm, wm)
             attn_sum = subj_attn if attn_sum is None else attn_sum + subj_attn
             if dynamic:
-                small = region_labels(subj_attn, k, mask_threshold)  # (B, hm, wm)
-                labels = resize_labels(small, (h, w))  # (B, h, w)
-                k_map = k_map_from_labels(labels, k)
+                labels, k_map = regions_from_attention(subj_attn, k, mask_threshold, (h, w))
         state = nxt
     attention = attn_sum / n_steps if attn_sum is not None else None
     return SampleResult(latents=x, labels=labels, attention=attention)

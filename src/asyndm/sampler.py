@@ -84,6 +84,45 @@ class SampleResult:
 NoiseFn = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 
 
+def check_sample_args(mode: str, subjects: Subjects | None, capture_attention: bool) -> None:
+    """The argument rules every sampling loop (DDIM or flow) shares."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "dm" and subjects is None:
+        raise ValueError(f"mode {mode!r} needs subjects")
+    if capture_attention and subjects is None:
+        raise ValueError("capture_attention needs subjects")
+
+
+def initial_regions(
+    mode: str, subjects: Subjects | None, static_labels: torch.Tensor | None,
+    bsz: int, hw: tuple[int, int], device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Labels ``(B, h, w)`` and strengths ``(B, S)`` of the first transition.
+
+    ``asyndm``: the static labels, or every pixel in the last subject's region (dynamic);
+    ``dm_concave``: every pixel in one region of the largest subject ``k``; ``dm``: none.
+    """
+    if mode == "asyndm":
+        k = subjects.k.to(device)
+        if static_labels is not None:
+            return static_labels.to(device), k
+        return initial_labels(subjects.first_position.to(device), k, hw), k
+    if mode == "dm_concave":
+        k = subjects.k.max(dim=1, keepdim=True).values.to(device)  # (B, 1)
+        return torch.zeros(bsz, *hw, dtype=torch.long, device=device), k
+    return None, None
+
+
+def regions_from_attention(
+    subj_attn: torch.Tensor, k: torch.Tensor, threshold: float, hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic masks: ``(B, S, hm, wm)`` attention -> labels ``(B, h, w)`` and the k map."""
+    small = region_labels(subj_attn, k, threshold)  # (B, hm, wm)
+    labels = resize_labels(small, hw)  # (B, h, w)
+    return labels, k_map_from_labels(labels, k)
+
+
 def sample(
     denoise: Denoiser,
     latents: torch.Tensor,
@@ -121,12 +160,7 @@ def sample(
         callback: called with a :class:`StepRecord` after every step.
         progress: wraps the step range (e.g. a tqdm factory).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "dm" and subjects is None:
-        raise ValueError(f"mode {mode!r} needs subjects")
-    if capture_attention and subjects is None:
-        raise ValueError("capture_attention needs subjects")
+    check_sample_args(mode, subjects, capture_attention)
     bsz, _, h, w = latents.shape
     device = latents.device
     alphas_cumprod = alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -137,17 +171,7 @@ def sample(
     capture = capture_attention or dynamic
 
     # 1. the regions of the first transition and the initial state map
-    labels: torch.Tensor | None = None
-    if mode == "asyndm":
-        k = subjects.k.to(device)
-        labels = (
-            static_labels.to(device) if static_labels is not None
-            else initial_labels(subjects.first_position.to(device), k, (h, w))
-        )
-    elif mode == "dm_concave":
-        # every pixel in one region of the largest subject k
-        k = subjects.k.max(dim=1, keepdim=True).values.to(device)  # (B, 1)
-        labels = torch.zeros(bsz, h, w, dtype=torch.long, device=device)
+    labels, k = initial_regions(mode, subjects, static_labels, bsz, (h, w), device)
     state = torch.full((bsz, h, w), plan.initial, dtype=torch.float32, device=device)
     k_map = k_map_from_labels(labels, k) if labels is not None else torch.zeros_like(state)
     state = advance(plan, state, -1, k_map)
@@ -188,9 +212,7 @@ def sample(
             subj_attn = subjects.subject_attention(out.attention)  # (B, S, hm, wm)
             attn_sum = subj_attn if attn_sum is None else attn_sum + subj_attn
             if dynamic:
-                small = region_labels(subj_attn, k, mask_threshold)  # (B, hm, wm)
-                labels = resize_labels(small, (h, w))  # (B, h, w)
-                k_map = k_map_from_labels(labels, k)
+                labels, k_map = regions_from_attention(subj_attn, k, mask_threshold, (h, w))
         state = nxt
     attention = attn_sum / n_steps if attn_sum is not None else None
     return SampleResult(latents=x, labels=labels, attention=attention)
