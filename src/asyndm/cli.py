@@ -26,7 +26,8 @@ def _add_generation_options(p: argparse.ArgumentParser, modes_default: Sequence[
                    help="concave curve of subject pixels")
     if modes_default is not None:
         p.add_argument("--mode", dest="modes", action="append", choices=MODES, default=None,
-                       help=f"mode(s) to run; repeat for several (default: {' '.join(modes_default)})")
+                       help="mode(s) to run; repeat for several "
+                            f"(default: {' '.join(modes_default)})")
     p.add_argument("--mask-mode", choices=MASK_MODES, default="dynamic",
                    help="dynamic: previous step's attention; static: from a DM run of the seed")
     p.add_argument("--mask-threshold", type=float, default=1.0,
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schedule", help="print the per-step states of the curves",
                        formatter_class=_FMT,
-                       epilog="example: asyndm schedule --curve quadratic --k 0.5 --steps 50 --json")
+                       epilog="example: asyndm schedule --curve quadratic --k 0.5 "
+                              "--steps 50 --json")
     p.add_argument("--curve", choices=sorted(CURVES), default="quadratic", help="subject curve")
     p.add_argument("--k", type=float, default=0.5, help="curve strength")
     p.add_argument("--steps", type=int, default=50, help="number of steps")

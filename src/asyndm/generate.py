@@ -147,5 +147,6 @@ def compare(cfg: GenerateConfig, pipe=None) -> RunResult:
     _atomic_save(grid, grid_path)
     result.paths.append(grid_path)
     for i, recs in enumerate(result.records["asyndm"]):
-        result.paths.append(save_timestep_animation(recs, out / f"timesteps_seed{cfg.seed + i}.gif"))
+        gif = out / f"timesteps_seed{cfg.seed + i}.gif"
+        result.paths.append(save_timestep_animation(recs, gif))
     return result

@@ -57,7 +57,8 @@ def load_pipeline(
     UNet pipelines get a ``DDIMScheduler`` built from the model's scheduler config.
     """
     path = str(embedded_model_path() if model is None else model)
-    if model is not None and Path(path).exists() and not (Path(path) / "model_index.json").is_file():
+    folder = Path(path)
+    if model is not None and folder.exists() and not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
     cls = _pipeline_class(path)
     pipe = cls.from_pretrained(path, dtype=dtype, use_safetensors=True)

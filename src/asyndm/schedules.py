@@ -68,7 +68,7 @@ def quadratic_next(
 def piecewise_next(
     s: torch.Tensor, n: int, k: torch.Tensor, target: float, x_scale: float, y_scale: float
 ) -> torch.Tensor:
-    """Two lines: a shallow slope ``-(1-k) Y/X`` first, then a steep ``-(1+k) Y/X`` into ``target``."""
+    """Two lines: a shallow slope ``-(1-k) Y/X``, then a steep ``-(1+k) Y/X`` into ``target``."""
     shallow = s - (1.0 - k) * (y_scale / x_scale)
     steep = target + (1.0 + k) * (y_scale / x_scale) * (n - 1)
     return torch.minimum(shallow, steep)

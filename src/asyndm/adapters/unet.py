@@ -118,7 +118,8 @@ class PerPixelTimestep:
         for mod in unet.modules():
             if type(mod).__name__ == "ResnetBlock2D" and mod.time_emb_proj is not None:
                 if unet.time_embed_act is None:
-                    add(mod.register_forward_pre_hook(self._record_extra_from_resnet, with_kwargs=True))
+                    add(mod.register_forward_pre_hook(self._record_extra_from_resnet,
+                                                      with_kwargs=True))
                 add(mod.time_emb_proj.register_forward_hook(self._zero_when_active))
                 add(mod.conv1.register_forward_hook(self._make_conv1_hook(mod)))
         return self

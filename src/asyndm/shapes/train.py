@@ -112,7 +112,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
-            raise ValueError(f"init_from={self.init_from!r} is not a model folder (model_index.json)")
+            raise ValueError(f"init_from={self.init_from!r} is not a model folder "
+                             "(no model_index.json)")
         if self.size not in MODEL_SIZES:
             raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {self.size!r}")
         if self.batch_size < 1 or self.log_every < 1 or self.num_workers < 0:
