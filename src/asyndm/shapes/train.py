@@ -259,7 +259,7 @@ def _batches(
         stream,
         batch_size=None,
         num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type != "cpu",  # page-locked copies only help accelerators
         prefetch_factor=4,
         worker_init_fn=_worker_init,
     )
@@ -444,7 +444,7 @@ def train(
     params = _named_params(modules)
     opt = torch.optim.AdamW(
         params.values(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
+        fused=device.type != "cpu",
     )
     if cfg.init_from is not None:
         _init_from_folder(modules, Path(cfg.init_from))
