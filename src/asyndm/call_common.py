@@ -8,12 +8,30 @@ collection of step records into the pipeline output.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+from diffusers.utils import BaseOutput
 
 from .sampler import MASK_MODES, MODES, StepRecord
 from .schedules import CURVES, SchedulePlan
 from .subjects import ResolvedSubject, resolve_subjects
+
+
+@dataclass
+class AsynDMPipelineOutput(BaseOutput):
+    """Images plus, on request, the masks and timestep maps of the run."""
+
+    images: list | np.ndarray | torch.Tensor
+    mode: str
+    masks: torch.Tensor | None = None
+    """``(B, h, w)`` region labels of the last transition (``-1`` background)."""
+    timestep_maps: torch.Tensor | None = None
+    """``(N, B, h, w)`` int64 timestep map of every step."""
+    label_maps: torch.Tensor | None = None
+    """``(N, B, h, w)`` region labels used at every step (``asyndm`` only)."""
+
 
 
 def check_call(mode: str, curve: str, mask_mode: str, mask_threshold: float,
@@ -100,3 +118,9 @@ class StepRecorder:
         if not self.records or self.records[0].labels is None:
             return None
         return torch.stack([r.labels for r in self.records])
+
+    def output(self, images, mode: str, masks: torch.Tensor | None) -> AsynDMPipelineOutput:
+        """The pipeline output with the recorded maps (``None`` unless they were kept)."""
+        return AsynDMPipelineOutput(images=images, mode=mode, masks=masks,
+                                    timestep_maps=self.timestep_maps(),
+                                    label_maps=self.label_maps())

@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
@@ -22,34 +20,21 @@ from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
                           CLIPVisionModelWithProjection)
 
 from .adapters.attention import AttentionCapture
 from .adapters.unet import PerPixelTimestep
+from .call_common import (AsynDMPipelineOutput, StepRecorder, check_call, check_generators,
+                          generator_states, resolve_all, restore_generators)
 from .denoise import UNetDenoiser
-from .call_common import (StepRecorder, check_call, check_generators, generator_states,
-                          resolve_all, restore_generators)
 from .sampler import StepRecord, sample, static_labels_from_attention
 from .schedules import SchedulePlan
 from .step import StepConfig
 from .subjects import SubjectSpec, batch_subjects
 
-
-@dataclass
-class AsynDMPipelineOutput(BaseOutput):
-    """Images plus, on request, the masks and timestep maps of the run."""
-
-    images: list | np.ndarray | torch.Tensor
-    mode: str
-    masks: torch.Tensor | None = None
-    """``(B, h, w)`` region labels of the last transition (``-1`` background)."""
-    timestep_maps: torch.Tensor | None = None
-    """``(N, B, h, w)`` int64 timestep map of every step."""
-    label_maps: torch.Tensor | None = None
-    """``(N, B, h, w)`` region labels used at every step (``asyndm`` only)."""
+__all__ = ["AsynDMPipeline", "AsynDMPipelineOutput", "AsynDMXLPipeline"]
 
 
 class _AsynDMMixin:
@@ -175,9 +160,7 @@ class _AsynDMMixin:
             decoded = self._decode(result.latents)
             images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
         self.maybe_free_model_hooks()
-        out = AsynDMPipelineOutput(images=images, mode=mode, masks=result.labels,
-                                   timestep_maps=recorder.timestep_maps(),
-                                   label_maps=recorder.label_maps())
+        out = recorder.output(images, mode, result.labels)
         return out if return_dict else (out.images,)
 
     def _progress(self, n: int):

@@ -29,7 +29,6 @@ from .denoise import DenoiseOutput, _uniform
 from .flow import FlowPlan, sample_flow
 from .call_common import (StepRecorder, check_call, check_generators, generator_states,
                           resolve_all, restore_generators)
-from .pipeline import AsynDMPipelineOutput
 from .sampler import StepRecord, static_labels_from_attention
 from .subjects import SubjectSpec, batch_subjects
 
@@ -221,9 +220,7 @@ class AsynDMSD3Pipeline(StableDiffusion3Pipeline):
         # 5. decode and post-process (the parent's VAE and image processor)
         images = self._decode(result.latents, output_type)
         self.maybe_free_model_hooks()
-        out = AsynDMPipelineOutput(images=images, mode=mode, masks=result.labels,
-                                   timestep_maps=recorder.timestep_maps(),
-                                   label_maps=recorder.label_maps())
+        out = recorder.output(images, mode, result.labels)
         return out if return_dict else (out.images,)
 
     def _progress(self, n: int):
