@@ -282,3 +282,13 @@ def test_two_processes_under_accelerate_launch(env, tmp_path):
     workers = {r[5].rsplit(":", 1)[1] for r in rows}
     assert workers == {"0/2", "1/2"}
     _check_images(out, rows)
+
+
+def test_categories_select_prompts_and_unknown_ones_are_named(env, pipe, tmp_path):
+    run_bench(_config(env, tmp_path, seeds=1, categories=("sport",)), pipe=pipe, progress=False)
+    assert {r[0].split("-")[1] for r in _rows(tmp_path)} == {"dog"}
+    with pytest.raises(ValueError, match="no category golf; its categories: sport, suite"):
+        run_bench(_config(env, tmp_path / "x", categories=("golf",)), pipe=pipe,
+                  progress=False)
+    with pytest.raises(ValueError, match="at least one category"):
+        _config(env, tmp_path, categories=())

@@ -34,7 +34,9 @@ def _add_generation_options(p: argparse.ArgumentParser, modes_default: Sequence[
                    help="a pixel joins a subject at this multiple of the map's spatial mean")
     p.add_argument("--steps", type=int, default=50, help="number of DDIM steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the paper uses 1.0)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 2.0 for the embedded model, "
+                        "7.5 for any other)")
     p.add_argument("--seed", type=int, default=0, help="image i uses a CPU generator seeded S+i")
     p.add_argument("--num-images", type=int, default=1, help="images per mode")
     p.add_argument("--height", type=int, default=None, help="image height (default: model's)")

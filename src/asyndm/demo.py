@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .loading import load_pipeline
+from .loading import EMBEDDED_GUIDANCE, load_pipeline
 from .sampler import MODES, StepRecord
 from .viz import comparison_grid, save_timestep_animation
 
@@ -26,7 +26,7 @@ DEMO_PROMPTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("a square the same colour as the circle", ("square", "circle")),
 )
 DEMO_K = 0.3
-DEMO_GUIDANCE = 4.0
+DEMO_GUIDANCE = EMBEDDED_GUIDANCE
 
 
 def _verdicts(images: list[Image.Image], prompts: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .loading import load_pipeline
+from .loading import default_guidance, load_pipeline
 from .sampler import MASK_MODES, MODES, StepRecord
 from .schedules import CURVES
 from .viz import comparison_grid, save_timestep_animation
@@ -39,7 +39,7 @@ class GenerateConfig:
     mask_threshold: float = 1.0
     steps: int = 50
     eta: float = 1.0
-    guidance: float = 7.5
+    guidance: float | None = None  # None: loading.default_guidance(model)
     seed: int = 0
     num_images: int = 1
     height: int | None = None
@@ -50,6 +50,8 @@ class GenerateConfig:
     out: str = "out"
 
     def __post_init__(self) -> None:
+        if self.guidance is None:
+            object.__setattr__(self, "guidance", default_guidance(self.model))
         if not self.prompt.strip():
             raise ValueError("prompt must not be empty")
         for m in self.modes:

@@ -25,6 +25,21 @@ def embedded_model_path() -> Path:
     return EMBEDDED_MODEL_DIR
 
 
+EMBEDDED_GUIDANCE = 2.0
+"""Classifier-free guidance scale of the embedded model: its best on single objects
+(guidance sweep in its model card; 7.5 over-saturates it and draws extra objects)."""
+
+SD_GUIDANCE = 7.5
+"""Stable Diffusion's usual guidance scale, the default for every other model."""
+
+
+def default_guidance(model: str | Path | None) -> float:
+    """The guidance scale to use when none is given: the embedded model's own, else 7.5."""
+    if model is None or Path(model).resolve() == EMBEDDED_MODEL_DIR.resolve():
+        return EMBEDDED_GUIDANCE
+    return SD_GUIDANCE
+
+
 def _pipeline_class(model: str):
     index = Path(model) / "model_index.json"
     name = "StableDiffusionPipeline"

@@ -62,7 +62,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     p.add_argument("--first-seed", type=int, default=0, help="the first seed")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 2.0 for the embedded model, "
+                        "7.5 for any other)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the paper uses 1.0)")
     p.add_argument("--out", default="out/bench",
                    help="run folder: results.sqlite, images/, bench_config.json; running "
@@ -79,6 +81,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "launch, else the machine's, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="network dtype")
+    p.add_argument("--category", dest="categories", action="append", default=None,
+                   metavar="NAME", help="only prompts of this category (repeatable; None: all)")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N prompts of the suite (None: all)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -97,7 +101,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         first_seed=args.first_seed, steps=args.steps, guidance=args.guidance, eta=args.eta,
         metrics=None if args.metrics is None else tuple(args.metrics),
         clip_model=args.clip_model, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, limit=args.limit, shard=args.shard,
+        dtype=args.dtype, shard=args.shard, limit=args.limit,
+        categories=None if args.categories is None else tuple(args.categories),
     )
     try:
         s = run_bench(config, progress=not args.no_progress)

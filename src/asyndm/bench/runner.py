@@ -39,6 +39,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..loading import default_guidance
 from ..sampler import MODES
 from ..schedules import SchedulePlan
 from ..subjects import resolve_subjects
@@ -69,6 +70,8 @@ class BenchConfig:
         batch_size: images (seeds of one prompt) per pipeline call.
         device: torch device, or ``"auto"`` (the process's device under accelerate, else
             the machine's accelerator, else CPU).
+        categories: only the prompts of these categories (``None`` = all); applied
+            before ``limit``.
         limit: only the first ``limit`` prompts of the suite.
         shard: ``(index, count)``: run units ``index::count``; ``None`` = from accelerate.
     """
@@ -80,7 +83,7 @@ class BenchConfig:
     seeds: int = 4
     first_seed: int = 0
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None  # None: loading.default_guidance(model)
     eta: float = 1.0
     metrics: tuple[str, ...] | None = None
     clip_model: str | None = None
@@ -88,10 +91,13 @@ class BenchConfig:
     batch_size: int = 4
     device: str = "auto"
     dtype: str = "float32"
+    categories: tuple[str, ...] | None = None
     limit: int | None = None
     shard: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.guidance is None:
+            object.__setattr__(self, "guidance", default_guidance(self.model))
         if not self.variants:
             raise ValueError("give at least one variant")
         names = [v.name for v in self.variants]
@@ -109,6 +115,8 @@ class BenchConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.categories is not None and not self.categories:
+            raise ValueError("categories must name at least one category (None: all)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
@@ -316,6 +324,19 @@ class _Worker:
         return done
 
 
+def _select(suite: Suite, config: BenchConfig) -> list[BenchEntry]:
+    """The suite's entries that ``config.categories`` and ``config.limit`` keep, in order."""
+    entries = list(suite.entries)
+    if config.categories is not None:
+        present = sorted({e.category for e in entries})
+        unknown = sorted(set(config.categories) - set(present))
+        if unknown:
+            raise ValueError(f"suite {suite.name!r} has no category {', '.join(unknown)}; "
+                             f"its categories: {', '.join(present)}")
+        entries = [e for e in entries if e.category in config.categories]
+    return entries[: config.limit]
+
+
 def run_bench(config: BenchConfig, *, pipe=None, progress: bool = True) -> BenchSummary:
     """Run (or resume) the benchmark of ``config`` in this process's shard.
 
@@ -324,7 +345,7 @@ def run_bench(config: BenchConfig, *, pipe=None, progress: bool = True) -> Bench
     """
     index, count, device = _placement(config)
     suite = load_suite(config.suite)
-    entries = suite.entries[: config.limit]
+    entries = _select(suite, config)
     metric_names = _metric_names(config, suite)
     out = Path(config.out)
     if pipe is None:

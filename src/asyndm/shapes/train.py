@@ -378,11 +378,13 @@ def _write_losses(out_dir: Path, history: Sequence[dict], log_every: int) -> Non
 
 
 def _model_card(cfg: TrainConfig, vocab_size: int, summary: dict) -> str:
+    origin = ("from scratch" if cfg.init_from is None
+              else f"further from the weights in `{cfg.init_from}`")
     return (
         "# asyndm shapes model\n\n"
         "A small pixel-space text-to-image model for the asyndm shapes world (32x32 RGB,\n"
-        "latents = `pixel_unshuffle(image, 2)`, shape (B, 12, 16, 16); no VAE), trained from\n"
-        "scratch with `asyndm train-shapes`. Weights are the EMA weights, stored in fp16.\n\n"
+        "latents = `pixel_unshuffle(image, 2)`, shape (B, 12, 16, 16); no VAE), trained "
+        f"{origin} with `asyndm train-shapes`. Weights are the EMA weights, stored in fp16.\n\n"
         f"{param_count_report(MODEL_SIZES[cfg.size], vocab_size)}\n"
         "## Training\n\n"
         f"- steps: {summary['steps']}, images seen: {summary['images_seen']}\n"
