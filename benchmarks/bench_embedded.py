@@ -50,7 +50,7 @@ def load_embedded(source: str, size: str, device: torch.device, dtype: torch.dty
                 raise
     try:
         from asyndm.shapes.model import MODEL_SIZES, build_components
-        from asyndm.shapes.world import vocabulary
+        from asyndm.shapes.grammar import vocabulary
     except ImportError as err:
         raise RuntimeError("no embedded model and no asyndm.shapes.model to build one") from err
     from asyndm.pipeline import AsynDMPipeline

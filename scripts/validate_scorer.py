@@ -21,7 +21,8 @@ import numpy as np
 
 from asyndm.shapes.render import render
 from asyndm.shapes.score import corrupt, score
-from asyndm.shapes.world import CATEGORIES, perturb, realize, sample_spec, satisfies
+from asyndm.shapes.grammar import sample_spec
+from asyndm.shapes.world import CATEGORIES, perturb, realize, satisfies
 
 # Corruptions: (name, gaussian blur sigma in px, additive noise std).
 LEVELS = (("clean", 0.0, 0.0), ("mild", 0.5, 0.03), ("strong", 0.7, 0.05))
@@ -69,7 +70,7 @@ def report(table: dict[str, dict[str, list[bool]]], kinds: dict[str, list[bool]]
         "Measured by `scripts/validate_scorer.py`; regenerate this file with", "",
         f"    python scripts/validate_scorer.py --n {n} --seed {seed} "
         "--out docs/scorer_validation.md", "",
-        "Per category, N random specs (`world.sample_spec`) are realised (`world.realize`),",
+        "Per category, N random specs (`grammar.sample_spec`) are realised (`world.realize`),",
         "rendered at 32 px (`render.render`) and scored (`score.score`). Columns:", "",
         "* **accept clean / mild / strong**: the true image passes; mild adds a gaussian blur",
         "  of 0.5 px and noise of std 0.03, strong a blur of 0.7 px and noise of std 0.05",

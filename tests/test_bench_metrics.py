@@ -67,7 +67,8 @@ def test_clipscore_needs_a_local_folder(tmp_path):
 
 def test_shapes_metric_is_the_exact_scorer():
     from asyndm.shapes.render import render
-    from asyndm.shapes.world import realize, sample_spec
+    from asyndm.shapes.grammar import sample_spec
+    from asyndm.shapes.world import realize
 
     rng = np.random.default_rng(3)
     spec = sample_spec(rng, "single")

@@ -11,7 +11,7 @@ from asyndm.demo import DEMO_GUIDANCE, DEMO_PROMPTS
 from asyndm.loading import (EMBEDDED_GUIDANCE, EMBEDDED_MODEL_DIR, SD_GUIDANCE, default_guidance,
                             load_pipeline)
 from asyndm.shapes.score import score
-from asyndm.shapes.world import parse_prompt
+from asyndm.shapes.grammar import parse_prompt
 
 
 def test_embedded_model_is_shipped_small_and_safetensors_only():

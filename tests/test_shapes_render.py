@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from asyndm.shapes.render import render
-from asyndm.shapes.world import BG_COLOURS, COLOURS, Background, Scene, SceneObject, sample_batch
+from asyndm.shapes.grammar import sample_batch
+from asyndm.shapes.world import BG_COLOURS, COLOURS, Background, Scene, SceneObject
 
 
 def _rgb(name: str) -> torch.Tensor:

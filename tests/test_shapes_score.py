@@ -9,16 +9,15 @@ from PIL import Image
 
 from asyndm.shapes.render import render
 from asyndm.shapes.score import ScoreResult, corrupt, detect, detect_background, score, to_array
+from asyndm.shapes.grammar import parse_prompt, sample_spec
 from asyndm.shapes.world import (
     CATEGORIES,
     SHAPES,
     Background,
     Scene,
     SceneObject,
-    parse_prompt,
     perturb,
     realize,
-    sample_spec,
 )
 
 

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from asyndm.shapes.suite import SUITES, SuiteEntry, build_suite, load_suite, suite_json
-from asyndm.shapes.world import CATEGORIES, parse_prompt
+from asyndm.shapes.grammar import parse_prompt
+from asyndm.shapes.world import CATEGORIES
 
 
 def test_loads_balanced_and_valid():

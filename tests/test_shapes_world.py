@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asyndm.shapes.grammar import parse_prompt, sample_batch, sample_spec, vocabulary
 from asyndm.shapes.world import (
     CANVAS,
     CATEGORIES,
@@ -19,14 +20,10 @@ from asyndm.shapes.world import (
     PromptSpec,
     Scene,
     SceneObject,
-    parse_prompt,
     perturb,
     realize,
     relation_holds,
-    sample_batch,
-    sample_spec,
     satisfies,
-    vocabulary,
 )
 
 

@@ -32,7 +32,7 @@ DEMO_GUIDANCE = EMBEDDED_GUIDANCE
 def _verdicts(images: list[Image.Image], prompts: list[str]) -> list[str]:
     """The exact scorer's verdict per image ('' if the prompt is outside the grammar)."""
     from .shapes.score import score
-    from .shapes.world import parse_prompt
+    from .shapes.grammar import parse_prompt
 
     out = []
     for img, prompt in zip(images, prompts):

@@ -94,7 +94,7 @@ class ShapesMetric:
 
     def __init__(self, opts: MetricOptions | None = None) -> None:
         from ..shapes.score import score
-        from ..shapes.world import parse_prompt
+        from ..shapes.grammar import parse_prompt
 
         self._score, self._parse = score, parse_prompt
         self._specs: dict[str, Any] = {}

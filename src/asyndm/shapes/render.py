@@ -133,7 +133,7 @@ def _bench(batch: int = 256, repeats: int = 10) -> float:
     """Images per second for ``render`` on random training scenes (CPU)."""
     import time
 
-    from .world import sample_batch
+    from .grammar import sample_batch
 
     scenes, _ = sample_batch(np.random.default_rng(0), batch)
     render(scenes)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .world import CATEGORIES, parse_prompt, sample_spec
+from .grammar import parse_prompt, sample_spec
+from .world import CATEGORIES
 
 __all__ = ["DEFAULT_K", "SUITES", "SuiteEntry", "build_suite", "load_suite", "suite_json"]
 

@@ -21,18 +21,15 @@ checkpointed, so a resumed run continues the same trajectory (bit-exact on the C
 
 Outputs in ``out_dir``: ``train_config.json``, ``checkpoints/step_XXXXXXXX/`` (model, ema and
 optimizer safetensors + ``state.json``), ``losses.csv``, ``loss_curve.png``, ``summary.json``
-and the exported fp16 EMA model folder ``model/`` (see `asyndm.shapes.model.save_model_folder`).
+and the exported fp16 EMA model folder ``model/`` (on-disk formats: `asyndm.shapes.checkpoint`).
 """
 
 from __future__ import annotations
 
-import base64
-import copy
 import csv
 import json
 import math
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,10 +40,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from asyndm.shapes.checkpoint import (
+    export_ema_folder,
+    init_from_folder,
+    latest_checkpoint,
+    load_optimizer,
+    load_state_tensors,
+    named_params,
+    optimizer_tensors,
+    rng_b64,
+    rng_from_b64,
+    save_checkpoint,
+    state_tensors,
+)
 from asyndm.shapes.model import (
     IMAGE_SIZE,
     MODEL_SIZES,
@@ -54,7 +64,6 @@ from asyndm.shapes.model import (
     param_count_report,
     param_counts,
     pixels_to_latents,
-    save_model_folder,
 )
 
 __all__ = [
@@ -144,10 +153,10 @@ class DataSource:
 
 
 def world_source() -> DataSource:
-    """The shapes world (`asyndm.shapes.world` and `asyndm.shapes.render`)."""
-    from asyndm.shapes import render, world
+    """The shapes world (`asyndm.shapes.grammar`, `.world` and `.render`)."""
+    from asyndm.shapes import grammar, render
 
-    return DataSource(world.vocabulary, world.sample_batch, render.render)
+    return DataSource(grammar.vocabulary, grammar.sample_batch, render.render)
 
 
 @dataclass(frozen=True)
@@ -276,80 +285,6 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
-def _named_params(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    return {f"{m}.{n}": p for m, mod in modules.items() for n, p in mod.named_parameters()}
-
-
-def _state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {
-        f"{m}.{k}": v.detach().cpu().contiguous()
-        for m, mod in modules.items()
-        for k, v in mod.state_dict().items()
-    }
-
-
-def _load_state_tensors(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
-    for m, mod in modules.items():
-        prefix = f"{m}."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        mod.load_state_dict(own)
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """Flatten an optimizer state into safetensors-able tensors plus JSON-able param groups."""
-    sd = opt.state_dict()
-    tensors = {
-        f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-        for i, st in sd["state"].items()
-        for k, v in st.items()
-    }
-    return tensors, sd["param_groups"]
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list):
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _rng_b64(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
-
-
-def _rng_from_b64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def _save_checkpoint(ckpt_root: Path, step: int, parts: dict[str, Any], state: dict) -> Path:
-    """Write checkpoint ``step`` atomically: build it in a temp folder, then rename it in place.
-
-    Older checkpoints are removed only after the new one exists, so a crash at any point
-    leaves at least one complete checkpoint.
-    """
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name in ("model", "ema", "optimizer"):
-        save_file(parts[name], str(tmp / f"{name}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in ckpt_root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
 def _write_losses(out_dir: Path, history: Sequence[dict], log_every: int) -> None:
     """losses.csv and loss_curve.png from the logged windows (written atomically)."""
     tmp = out_dir / ".losses.csv.tmp"
@@ -398,22 +333,6 @@ def _model_card(cfg: TrainConfig, vocab_size: int, summary: dict) -> str:
     )
 
 
-def _export(out_dir: Path, comps: dict[str, Any], ema: dict[str, torch.Tensor], card: str) -> Path:
-    """Save the EMA weights in fp16 as a diffusers folder, replacing ``out_dir/model`` whole."""
-    modules = {name: copy.deepcopy(comps[name]).float() for name in ("unet", "text_encoder")}
-    for name, p in _named_params(modules).items():
-        p.data.copy_(ema[name])
-    export = dict(comps, **{k: m.half().cpu() for k, m in modules.items()})
-    tmp = out_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(tmp, export, card)
-    final = out_dir / "model"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
 def train(
     cfg: TrainConfig, out_dir: str | Path, resume: bool = False, source: DataSource | None = None
 ) -> Path:
@@ -443,19 +362,19 @@ def train(
         "unet": comps["unet"].to(device).train(),
         "text_encoder": comps["text_encoder"].to(device).train(),
     }
-    params = _named_params(modules)
+    params = named_params(modules)
     opt = torch.optim.AdamW(
         params.values(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
         fused=device.type != "cpu",
     )
     if cfg.init_from is not None:
-        _init_from_folder(modules, Path(cfg.init_from))
+        init_from_folder(modules, Path(cfg.init_from))
     ema = {k: p.detach().float().clone() for k, p in params.items()}
     scheduler = comps["scheduler"]
 
     step, seconds, history = 0, 0.0, []
     ckpt_root = out_dir / "checkpoints"
-    latest = _latest_checkpoint(ckpt_root)
+    latest = latest_checkpoint(ckpt_root)
     if latest is not None and not resume:
         raise ResumeError(f"{out_dir} already holds checkpoints; resume or use another folder")
     if resume and latest is not None:
@@ -473,15 +392,15 @@ def train(
     budget_s = cfg.minutes * 60.0
 
     def save(now_step: int, now_seconds: float) -> None:
-        opt_tensors, groups = _optimizer_tensors(opt)
+        opt_tensors, groups = optimizer_tensors(opt)
         ema_cpu = {k: v.detach().cpu().contiguous() for k, v in ema.items()}
         state = {
             "step": now_step, "images_seen": now_step * cfg.batch_size,
             "train_seconds": now_seconds, "param_groups": groups, "history": history,
-            "torch_rng": _rng_b64(torch.get_rng_state()), "words": words, "config": asdict(cfg),
+            "torch_rng": rng_b64(torch.get_rng_state()), "words": words, "config": asdict(cfg),
         }
-        parts = {"model": _state_tensors(modules), "ema": ema_cpu, "optimizer": opt_tensors}
-        _save_checkpoint(ckpt_root, now_step, parts, state)
+        parts = {"model": state_tensors(modules), "ema": ema_cpu, "optimizer": opt_tensors}
+        save_checkpoint(ckpt_root, now_step, parts, state)
         _write_losses(out_dir, history, cfg.log_every)
 
     bar = tqdm(total=None if max_steps == math.inf else max_steps, initial=step, unit="step")
@@ -524,34 +443,13 @@ def train(
     summary = _summary(cfg, step, elapsed, history, len(comps["tokenizer"]))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     card = _model_card(cfg, len(comps["tokenizer"]), summary)
-    folder = _export(out_dir, comps, ema, card)
+    folder = export_ema_folder(out_dir, comps, ema, card)
     tqdm.write(
         f"trained {step} steps ({step * cfg.batch_size} images) in {elapsed / 60:.1f} min, "
         f"{summary['img_per_s']:.0f} images/s; final loss {summary['final_loss']}; "
         f"model: {folder}"
     )
     return folder
-
-
-def _init_from_folder(modules: dict[str, nn.Module], folder: Path) -> None:
-    """Start from an exported model folder's weights (e.g. to continue a GPU run on a CPU).
-
-    The optimiser, EMA and step count start fresh; the folder must hold the same architecture
-    and vocabulary (a mismatch fails in ``load_state_dict``).
-    """
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    loaded = {
-        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet",
-                                                     use_safetensors=True),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
-                                                      use_safetensors=True),
-    }
-    for name, src in loaded.items():
-        module = modules[name]
-        ref = module.state_dict()
-        module.load_state_dict({k: v.to(ref[k].dtype) for k, v in src.state_dict().items()})
 
 
 def _restore(
@@ -561,10 +459,10 @@ def _restore(
     """Load checkpoint ``ckpt`` into ``modules`` and ``opt``; return step, seconds, log, EMA."""
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     _check_resumable(cfg, state, words)
-    _load_state_tensors(modules, load_file(str(ckpt / "model.safetensors"), str(device)))
+    load_state_tensors(modules, load_file(str(ckpt / "model.safetensors"), str(device)))
     opt_tensors = load_file(str(ckpt / "optimizer.safetensors"), str(device))
-    _load_optimizer(opt, opt_tensors, state["param_groups"])
-    torch.set_rng_state(_rng_from_b64(state["torch_rng"]))
+    load_optimizer(opt, opt_tensors, state["param_groups"])
+    torch.set_rng_state(rng_from_b64(state["torch_rng"]))
     ema = load_file(str(ckpt / "ema.safetensors"), str(device))
     return state["step"], state["train_seconds"], state["history"], ema
 
