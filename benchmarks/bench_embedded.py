@@ -3,7 +3,8 @@
 The embedded model (``asyndm.loading.load_pipeline(None)``) runs at its native size: 32x32
 pixels, ``(12, 16, 16)`` "latents", no VAE. Where its trained weights are missing, a
 randomly initialised model of the same architecture (``MODEL_SIZES["base"]``) stands in; the
-output says which one ran. Settings are the demo's: 25 steps, guidance 7.5, eta 1.0.
+output says which one ran. Settings: 25 steps (the demo's), guidance 7.5 (CFG on; its cost
+does not depend on the scale), eta 1.0.
 
 ``pipe(..., mode="dm")`` and ``pipe(..., mode="asyndm")`` run interleaved in one process
 (see ``harness.py``); the script prints the medians and the ratio ``asyndm / dm`` of the

@@ -39,10 +39,12 @@ __all__ = [
 
 
 def named_params(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Every parameter of ``modules`` keyed ``"<module>.<parameter>"``."""
     return {f"{m}.{n}": p for m, mod in modules.items() for n, p in mod.named_parameters()}
 
 
 def state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The modules' state dicts, flattened like `named_params`, on the CPU."""
     return {
         f"{m}.{k}": v.detach().cpu().contiguous()
         for m, mod in modules.items()
@@ -51,6 +53,7 @@ def state_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def load_state_tensors(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of `state_tensors`: load each module's share of ``tensors`` (strict)."""
     for m, mod in modules.items():
         prefix = f"{m}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -68,7 +71,10 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, sd["param_groups"]
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list):
+def load_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list
+) -> None:
+    """Inverse of `optimizer_tensors`."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
@@ -77,10 +83,12 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def rng_b64(state: torch.Tensor) -> str:
+    """A torch RNG state (uint8 tensor) as base64 text for ``state.json``."""
     return base64.b64encode(state.numpy().tobytes()).decode("ascii")
 
 
 def rng_from_b64(text: str) -> torch.Tensor:
+    """Inverse of `rng_b64`."""
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
@@ -108,11 +116,14 @@ def save_checkpoint(ckpt_root: Path, step: int, parts: dict[str, Any], state: di
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``ckpt_root``, or None."""
     done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None
 
 
-def export_ema_folder(out_dir: Path, comps: dict[str, Any], ema: dict[str, torch.Tensor], card: str) -> Path:
+def export_ema_folder(
+    out_dir: Path, comps: dict[str, Any], ema: dict[str, torch.Tensor], card: str
+) -> Path:
     """Save the EMA weights in fp16 as a diffusers folder, replacing ``out_dir/model`` whole."""
     modules = {name: copy.deepcopy(comps[name]).float() for name in ("unet", "text_encoder")}
     for name, p in named_params(modules).items():
