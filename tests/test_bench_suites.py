@@ -13,7 +13,7 @@ from asyndm.bench.variants import (DEFAULT_CURVE, DEFAULT_K, DEFAULT_MASK_MODE,
                                    DEFAULT_MASK_THRESHOLD, default_variants, parse_variant,
                                    variant_dirname)
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "paper"
+PAPER = Path(__file__).resolve().parent / "data" / "paper"  # the paper's prompt sets
 
 
 def _write(path: Path, data) -> Path:
@@ -21,7 +21,6 @@ def _write(path: Path, data) -> Path:
     return path
 
 
-@pytest.mark.skipif(not PAPER.is_dir(), reason="needs ../shared/prompts/paper")
 def test_paper_format_uses_item_indices_as_the_reference_does():
     suite = load_suite(PAPER / "animal.json")
     assert suite.name == "animal" and len(suite.entries) == 40
@@ -154,3 +153,10 @@ def test_variant_defaults_are_the_pipelines():
     assert params["mask_mode"].default == DEFAULT_MASK_MODE
     assert params["mask_threshold"].default == DEFAULT_MASK_THRESHOLD
     assert params["k"].default == DEFAULT_K
+
+
+@pytest.mark.parametrize("name", ["animal", "drawbench", "geneval", "mscoco"])
+def test_every_paper_suite_loads_with_subjects_for_each_prompt(name):
+    suite = load_suite(PAPER / f"{name}.json")
+    assert suite.name == name and suite.entries
+    assert all(e.subjects and len(e.k) == len(e.subjects) for e in suite.entries)

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from asyndm.schedules import CURVES, FINAL_STATE, SchedulePlan, advance, state_trajectory
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "schedule_vectors.json"
+# the reference implementation's vectors; provenance in tests/data/README.md
+REFERENCE = Path(__file__).resolve().parent / "data" / "schedule_vectors.json"
 REF_NAMES = {"bin": "quadratic", "lin": "piecewise", "exp": "exponential"}
 
 

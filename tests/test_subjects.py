@@ -5,7 +5,7 @@ import pytest
 
 from asyndm.subjects import batch_subjects, paper_positions, resolve_subject, resolve_subjects
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "paper"
+PAPER = Path(__file__).resolve().parent / "data" / "paper"  # the paper's prompt sets
 
 
 def test_words_map_to_their_token_positions(tokenizer):
