@@ -19,7 +19,7 @@ from diffusers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import asyndm.sampler as sampler_mod
+import asyndm.state as state_mod
 from asyndm.adapters.sd3 import JointAttentionCapture, PerTokenTimestep, default_capture_layers
 from asyndm.adapters.unet import UnsupportedModelError
 from asyndm.denoise import DenoiseOutput
@@ -310,9 +310,9 @@ def test_asyndm_with_empty_masks_equals_dm(pipe, reference_images, monkeypatch):
         bsz = positions_or_attn.shape[0]
         return torch.full((bsz, 4, 4), BACKGROUND, dtype=torch.long)
 
-    # the region rules live in asyndm.sampler, shared by the DDIM and flow loops
-    monkeypatch.setattr(sampler_mod, "initial_labels", no_regions)
-    monkeypatch.setattr(sampler_mod, "region_labels", no_regions)
+    # the region rules live in asyndm.state, shared by the DDIM and flow loops
+    monkeypatch.setattr(state_mod, "initial_labels", no_regions)
+    monkeypatch.setattr(state_mod, "region_labels", no_regions)
     assert np.array_equal(run(mask_mode="dynamic").images, reference_images)
 
 

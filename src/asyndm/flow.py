@@ -39,6 +39,8 @@ of :func:`asyndm.schedules.advance` is never taken); the last transition reaches
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -107,7 +109,9 @@ class FlowPlan(SchedulePlan):
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        sched = type(scheduler).from_config(scheduler.config)
+        # a copy, not from_config: that would drop config keys a pipeline patched in
+        # (listed in `_use_default_values`, such as SD's steps_offset=1)
+        sched = copy.deepcopy(scheduler)
         kwargs = {"mu": mu} if mu is not None else {}
         sched.set_timesteps(num_steps, **kwargs)
         return cls.from_sigmas(sched.sigmas, sched.timesteps, curve,

@@ -14,43 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from .denoise import Denoiser
-from .masks import initial_labels, k_map_from_labels, region_labels, resize_labels
-from .schedules import SchedulePlan, advance
+from .masks import region_labels, resize_labels
+from .schedules import SchedulePlan
+from .state import (MASK_MODES, MODES, Subjects, after_step, begin, check_sample_args,
+                    initial_regions, next_timestep_map, off_ladder, regions_from_attention,
+                    step_states)
 from .step import StepConfig, alpha_bar, ddim_step
 
-MODES = ("dm", "dm_concave", "asyndm")
-MASK_MODES = ("dynamic", "static")
-
-
-@dataclass(frozen=True)
-class Subjects:
-    """Subject tokens and strengths of a batch (padded to the batch's largest count).
-
-    Attributes:
-        positions: ``(B, P)`` token columns to capture (padding repeats a valid column).
-        weights: ``(B, S, P)`` averaging weights: subject ``s`` is the mean of its columns.
-        k: ``(B, S)`` curve strength; ``0`` marks padding.
-        first_position: ``(B, S)`` first token position of each subject.
-    """
-
-    positions: torch.Tensor
-    weights: torch.Tensor
-    k: torch.Tensor
-    first_position: torch.Tensor
-
-    def __post_init__(self) -> None:
-        b, s, p = self.weights.shape
-        if self.positions.shape != (b, p) or self.k.shape != (b, s):
-            raise ValueError("Subjects tensors disagree on (B, S, P)")
-        if self.first_position.shape != (b, s):
-            raise ValueError("first_position must be (B, S)")
-        if not bool((self.k.max(dim=1).values > 0).all()):
-            raise ValueError("every sample needs at least one subject with k > 0")
-
-    def subject_attention(self, token_attention: torch.Tensor) -> torch.Tensor:
-        """``(B, P, hm, wm)`` token maps -> ``(B, S, hm, wm)`` subject maps."""
-        w = self.weights.to(token_attention)
-        return torch.einsum("bsp,bphw->bshw", w, token_attention)
+__all__ = ["MASK_MODES", "MODES", "SampleResult", "StepRecord", "Subjects", "check_sample_args",
+           "initial_regions", "regions_from_attention", "sample", "static_labels_from_attention"]
 
 
 @dataclass(frozen=True)
@@ -82,45 +54,6 @@ class SampleResult:
 
 
 NoiseFn = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
-
-
-def check_sample_args(mode: str, subjects: Subjects | None, capture_attention: bool) -> None:
-    """The argument rules every sampling loop (DDIM or flow) shares."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "dm" and subjects is None:
-        raise ValueError(f"mode {mode!r} needs subjects")
-    if capture_attention and subjects is None:
-        raise ValueError("capture_attention needs subjects")
-
-
-def initial_regions(
-    mode: str, subjects: Subjects | None, static_labels: torch.Tensor | None,
-    bsz: int, hw: tuple[int, int], device: torch.device,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Labels ``(B, h, w)`` and strengths ``(B, S)`` of the first transition.
-
-    ``asyndm``: the static labels, or every pixel in the last subject's region (dynamic);
-    ``dm_concave``: every pixel in one region of the largest subject ``k``; ``dm``: none.
-    """
-    if mode == "asyndm":
-        k = subjects.k.to(device)
-        if static_labels is not None:
-            return static_labels.to(device), k
-        return initial_labels(subjects.first_position.to(device), k, hw), k
-    if mode == "dm_concave":
-        k = subjects.k.max(dim=1, keepdim=True).values.to(device)  # (B, 1)
-        return torch.zeros(bsz, *hw, dtype=torch.long, device=device), k
-    return None, None
-
-
-def regions_from_attention(
-    subj_attn: torch.Tensor, k: torch.Tensor, threshold: float, hw: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic masks: ``(B, S, hm, wm)`` attention -> labels ``(B, h, w)`` and the k map."""
-    small = region_labels(subj_attn, k, threshold)  # (B, hm, wm)
-    labels = resize_labels(small, hw)  # (B, h, w)
-    return labels, k_map_from_labels(labels, k)
 
 
 def sample(
@@ -170,26 +103,19 @@ def sample(
     dynamic = mode == "asyndm" and static_labels is None
     capture = capture_attention or dynamic
 
-    # 1. the regions of the first transition and the initial state map
-    labels, k = initial_regions(mode, subjects, static_labels, bsz, (h, w), device)
-    state = torch.full((bsz, h, w), plan.initial, dtype=torch.float32, device=device)
-    k_map = k_map_from_labels(labels, k) if labels is not None else torch.zeros_like(state)
-    state = advance(plan, state, -1, k_map)
-
+    # 1. the regions of the first transition and the state map of step 0
+    st = begin(plan, mode, subjects, (bsz, h, w), device, static_labels)
     attn_sum: torch.Tensor | None = None
     steps = range(n_steps) if progress is None else progress(n_steps)
     for i in steps:
         # 2. the next state of every pixel, from this transition's regions
-        nxt = advance(plan, state, i, k_map)
-        if mode == "dm":
-            t = torch.tensor(plan.timesteps[i], device=device)  # 0-d, as diffusers passes it
-            t_next = torch.tensor(plan.timesteps[i + 1] if i + 1 < n_steps else -1, device=device)
-            t_map = t.expand(bsz, h, w)
-            t_next_map = t_next.expand(bsz, h, w)
-        else:
-            t_map = state.round().long()  # (B, h, w)
-            t_next_map = nxt.round().long() if i + 1 < n_steps else torch.full_like(t_map, -1)
-            t, t_next = t_map, t_next_map
+        nxt = step_states(plan, st)
+        nxt_lagging = off_ladder(plan, i + 1, nxt)
+        t_map, t_next_map = st.timestep_map(), next_timestep_map(plan, st, nxt)
+        # a grid on the ladder takes 0-d timesteps, as diffusers passes them
+        t = t_map if st.lagging else torch.tensor(plan.timesteps[i], device=device)
+        t_next = t_next_map if nxt_lagging else torch.tensor(
+            plan.timesteps[i + 1] if i + 1 < n_steps else -1, device=device)
         # 3. the guided model, with the subject attention of this step when needed
         out = denoise(x, t, capture=capture)
         # 4. the asynchronous DDIM update, alpha-bar gathered per pixel
@@ -206,16 +132,17 @@ def sample(
         )
         x = res.prev_sample
         if callback is not None:
-            callback(StepRecord(i, n_steps, t_map, t_next_map, labels, x, res.pred_original_sample))
+            callback(StepRecord(i, n_steps, t_map, t_next_map, st.labels, x,
+                                res.pred_original_sample))
         # 5. dynamic masks: this step's attention sets the regions of the next transition
+        subj_attn = None
         if out.attention is not None:
             subj_attn = subjects.subject_attention(out.attention)  # (B, S, hm, wm)
             attn_sum = subj_attn if attn_sum is None else attn_sum + subj_attn
-            if dynamic:
-                labels, k_map = regions_from_attention(subj_attn, k, mask_threshold, (h, w))
-        state = nxt
+        st = after_step(plan, st, nxt, subj_attn if dynamic else None, mask_threshold,
+                        nxt_lagging)
     attention = attn_sum / n_steps if attn_sum is not None else None
-    return SampleResult(latents=x, labels=labels, attention=attention)
+    return SampleResult(latents=x, labels=st.labels, attention=attention)
 
 
 def static_labels_from_attention(

@@ -33,8 +33,10 @@ last step, which the step function reads as "clean" (the scheduler's final alpha
 
 from __future__ import annotations
 
+import copy
+
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,51 +44,65 @@ import torch
 FINAL_STATE = 0.0
 """State of every pixel after the last step: read as the scheduler's final alpha-bar."""
 
-CurveFn = Callable[[torch.Tensor, int, torch.Tensor, float, float, float], torch.Tensor]
+CurveFn = Callable[[torch.Tensor, int, "torch.Tensor | float", float, float, float], torch.Tensor]
 
 
 def linear_next(s: torch.Tensor, n: int, target: float) -> torch.Tensor:
-    """Linear re-solve: the straight line through ``(0, s)`` and ``(n, target)``, one step on."""
-    return s * (1.0 - 1.0 / n) + target / n
+    """Linear re-solve: the straight line through ``(0, s)`` and ``(n, target)``, one step on.
+
+    Written in the reference implementation's float32 operation order,
+    ``s (1 - 1/n) + target / n`` with ``target`` a tensor of ``s``'s dtype, so that states
+    halfway between two integers round as they do there.
+    """
+    return s * (1 - 1 / n) + torch.tensor(target, dtype=s.dtype, device=s.device) / n
+
+
+# The curves below take ``k`` as a Python float (one region's strength: the arithmetic on
+# scalars then happens in float64 and only the tensor operations in float32, in the
+# reference implementation's order, so states round as they do there) or as a tensor
+# broadcastable to ``s`` (per-pixel strengths; the same formulas, all in ``s``'s dtype).
 
 
 def quadratic_next(
-    s: torch.Tensor, n: int, k: torch.Tensor, target: float, x_scale: float, y_scale: float
+    s: torch.Tensor, n: int, k, target: float, x_scale: float, y_scale: float
 ) -> torch.Tensor:
-    """The paper's main curve: a parabola of fixed curvature ``-k Y / X^2``.
+    """The paper's main curve: a parabola of fixed curvature ``c = -k Y / X^2``.
 
     Through ``(0, s)`` and ``(n, target)`` with vertex at ``x0``:
     ``y(x) = c (x - x0)^2 + y0``; the next state is ``y(1)``. With the curvature fixed,
     a pixel that stays in its region follows one parabola for the whole run.
     """
     c = -k * (y_scale / (x_scale * x_scale))
-    x0 = (c * n * n - (target - s)) / (2.0 * c * n)
-    y0 = s - c * x0 * x0
-    return c * (1.0 - x0) ** 2 + y0
+    x0 = (c * n**2 - (torch.tensor(target, dtype=s.dtype, device=s.device) - s)) / (2 * c * n)
+    y0 = s - c * x0**2
+    return c * (1 - x0) ** 2 + y0
 
 
 def piecewise_next(
-    s: torch.Tensor, n: int, k: torch.Tensor, target: float, x_scale: float, y_scale: float
+    s: torch.Tensor, n: int, k, target: float, x_scale: float, y_scale: float
 ) -> torch.Tensor:
     """Two lines: a shallow slope ``-(1-k) Y/X``, then a steep ``-(1+k) Y/X`` into ``target``."""
-    shallow = s - (1.0 - k) * (y_scale / x_scale)
-    steep = target + (1.0 + k) * (y_scale / x_scale) * (n - 1)
-    return torch.minimum(shallow, steep)
+    shallow = -(1 - k) * y_scale / x_scale
+    steep = -(1 + k) * y_scale / x_scale
+    steep_line = steep + (target - steep * n)  # the steep line one step on, a scalar or map
+    if torch.is_tensor(steep_line):
+        return (shallow + s).minimum(steep_line)
+    return (shallow + s).clamp(max=steep_line)
 
 
 def exponential_next(
-    s: torch.Tensor, n: int, k: torch.Tensor, target: float, x_scale: float, y_scale: float
+    s: torch.Tensor, n: int, k, target: float, x_scale: float, y_scale: float
 ) -> torch.Tensor:
     """``y(x) = a e^{(x - x0)/X} + b x + c`` with ``a = -k Y/(e-1)``, ``b = -(1-k) Y/X``.
 
     The shift ``x0`` is solved so the curve passes through ``(0, s)`` and ``(n, target)``.
     """
-    lam = 1.0 / x_scale
-    a = -k * y_scale / (math.e - 1.0)
-    b = -(1.0 - k) * y_scale / x_scale
+    lam = 1 / x_scale
+    a = -k * y_scale / (math.e - 1)
+    b = -(1 - k) * y_scale / x_scale
     # e^{-lam x0}, from y(n) - y(0) = a e^{-lam x0} (e^{lam n} - 1) + b n = target - s
-    shift = (target - s - b * n) / (a * (math.exp(lam * n) - 1.0))
-    return s + a * shift * (math.exp(lam) - 1.0) + b
+    shift = (s - target + b * n) / (a * (1 - math.e ** (lam * n)))
+    return a * (math.e**lam - 1) * shift + b + s
 
 
 CURVES: dict[str, CurveFn] = {
@@ -129,7 +145,9 @@ class SchedulePlan:
         """Build a plan from a diffusers scheduler (``set_timesteps`` is called on a copy)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        sched = type(scheduler).from_config(scheduler.config)
+        # a copy, not from_config: that would drop config keys a pipeline patched in
+        # (listed in `_use_default_values`, such as SD's steps_offset=1)
+        sched = copy.deepcopy(scheduler)
         sched.set_timesteps(num_steps)
         cfg = scheduler.config
         return cls(
@@ -142,6 +160,12 @@ class SchedulePlan:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def uniform_ladder(self) -> bool:
+        """Whether the timesteps are evenly spaced (DDIM's "leading" spacing, for example)."""
+        gaps = {a - b for a, b in zip(self.timesteps, self.timesteps[1:])}
+        return len(gaps) <= 1
 
     @property
     def initial(self) -> float:
@@ -195,7 +219,13 @@ class SchedulePlan:
             )
 
 
-def advance(plan: SchedulePlan, state: torch.Tensor, i: int, k_map: torch.Tensor) -> torch.Tensor:
+def advance(
+    plan: SchedulePlan,
+    state: torch.Tensor,
+    i: int,
+    k_map: torch.Tensor,
+    k_values: Sequence[float] | None = None,
+) -> torch.Tensor:
     """Move a timestep-state map from step ``i`` to step ``i + 1``.
 
     Args:
@@ -205,6 +235,10 @@ def advance(plan: SchedulePlan, state: torch.Tensor, i: int, k_map: torch.Tensor
         i: the step being left, in ``[-1, N - 1]``.
         k_map: same shape as ``state``: the curve strength of each pixel's region for this
             transition, ``0`` for background pixels.
+        k_values: the distinct non-zero strengths ``k_map`` holds, as Python floats (each
+            region's ``k``). Given, every region is evaluated with its scalar ``k`` in the
+            reference implementation's operation order (states that fall halfway between
+            two integers then round as they do there); ``None`` evaluates ``k_map`` itself.
 
     Returns:
         The states at step ``i + 1`` (``FINAL_STATE`` everywhere after the last step),
@@ -217,16 +251,29 @@ def advance(plan: SchedulePlan, state: torch.Tensor, i: int, k_map: torch.Tensor
         return torch.full_like(state, FINAL_STATE)
     n = n_total - 1 - i  # steps left after this transition, >= 1
     target = plan.target
-    # Background: the scheduler's ladder; a lagging pixel's excess over the ladder decays
-    # linearly to zero at the last step (equal to the linear re-solve on a uniform ladder).
+    # Background: a pixel on the ladder moves to the ladder's next rung exactly (so empty
+    # masks are the scheduler's own run); a pixel off it (a subject that joined the
+    # background) takes the linear re-solve on a uniform ladder, as the reference does,
+    # and otherwise keeps its excess over the ladder, decaying linearly to zero at the end.
     tau_i, tau_next = plan.background_at(i), plan.background_at(i + 1)
-    background = tau_next + (state - tau_i) * ((n - 1) / n)
-    # Subjects: background pixels get a harmless k so the curve stays finite, then are masked.
+    if plan.uniform_ladder:
+        off_ladder = linear_next(state, n, target)
+    else:
+        off_ladder = tau_next + (state - tau_i) * ((n - 1) / n)
+    background = torch.where(state == tau_i, torch.full_like(state, tau_next), off_ladder)
     is_region = k_map > 0
-    safe_k = torch.where(is_region, k_map, torch.full_like(k_map, 0.5)).to(state.dtype)
     if n == 1:  # every curve ends exactly on target; skip the round-off of evaluating it
         region = torch.full_like(state, target)
+    elif k_values is not None:
+        curve = CURVES[plan.curve]
+        region = background
+        for kv in k_values:
+            value = curve(state, n, float(kv), target, float(n_total),
+                          float(plan.num_train_timesteps))
+            region = torch.where(k_map == kv, value, region)
     else:
+        # background pixels get a harmless k so the curve stays finite, then are masked
+        safe_k = torch.where(is_region, k_map, torch.full_like(k_map, 0.5)).to(state.dtype)
         region = CURVES[plan.curve](
             state, n, safe_k, target, float(n_total), float(plan.num_train_timesteps)
         )
