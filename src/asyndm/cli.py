@@ -1,51 +1,69 @@
-"""The ``asyndm`` command line: parse, build a config, call a library function."""
+"""The ``asyndm`` command line: parse, build a config, call a library function.
+
+Only the chosen subcommand's options are built, and torch, diffusers and the library are
+imported only once a command runs, so ``asyndm --help`` and argument errors answer at once.
+A user mistake ends in one line on stderr and exit status 2, before any file is written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 
-from .sampler import MASK_MODES, MODES
-from .schedules import CURVES
+from .cli_base import (CURVE_NAMES, DTYPE_NAMES, MASK_MODES, MODES, HelpFormatter,
+                       add_threads_option, quiet_foreign_notices, torch_threads)
 
-_FMT = argparse.ArgumentDefaultsHelpFormatter
+EMBEDDED_GUIDANCE_TEXT = "2.0 for the embedded model, 7.5 for any other"
 
 
-def _add_generation_options(p: argparse.ArgumentParser, modes_default: Sequence[str]) -> None:
+def _add_generation_options(p: argparse.ArgumentParser, modes_default: str | None) -> None:
     p.add_argument("--model", default=None,
                    help="diffusers model folder or hub id (default: the embedded model)")
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--subjects", nargs="+", default=[],
                    help="subject words/phrases of the prompt ('cat', 'red car', 'cat#2' for "
-                        "the 2nd occurrence) or raw token positions (integers)")
+                        "the 2nd occurrence; counted from 1) or raw token positions "
+                        "(integers, 1 = the first token after the start token)")
     p.add_argument("--k", type=float, nargs="+", default=[0.5],
-                   help="curve strength: one value, or one per subject")
-    p.add_argument("--curve", choices=sorted(CURVES), default="quadratic",
+                   help="curve strength in (0, 1): one value, or one per subject")
+    p.add_argument("--curve", choices=CURVE_NAMES, default="quadratic",
                    help="concave curve of subject pixels")
     if modes_default is not None:
         p.add_argument("--mode", dest="modes", action="append", choices=MODES, default=None,
-                       help="mode(s) to run; repeat for several "
-                            f"(default: {' '.join(modes_default)})")
+                       help="mode to run; repeat for several "
+                            f"(default: {modes_default})")
     p.add_argument("--mask-mode", choices=MASK_MODES, default="dynamic",
                    help="dynamic: previous step's attention; static: from a DM run of the seed")
     p.add_argument("--mask-threshold", type=float, default=1.0,
                    help="a pixel joins a subject at this multiple of the map's spatial mean")
-    p.add_argument("--steps", type=int, default=50, help="number of DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the paper uses 1.0)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="number of DDIM steps, at least 2 (one step from pure noise returns "
+                        "the model's first guess: noise on the embedded model)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="DDIM eta in [0, 1] (the paper uses 1.0)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 2.0 for the embedded model, "
-                        "7.5 for any other)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses a CPU generator seeded S+i")
+                   help=f"classifier-free guidance scale (default: {EMBEDDED_GUIDANCE_TEXT})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image i uses a CPU generator seeded S+i (0 <= S+i < 2**63)")
     p.add_argument("--num-images", type=int, default=1, help="images per mode")
-    p.add_argument("--height", type=int, default=None, help="image height (default: model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: model's)")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="network dtype")
-    p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height (default: the model's; the embedded model: 32)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width (default: the model's; the embedded model: 32)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt for guidance (default: none, the empty prompt)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="network dtype")
+    p.add_argument("--out", default="out",
+                   help="output folder; it must be empty or new unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, first removing the images, GIFs and "
+                        "config.json an earlier run left there (other files stay)")
+    add_threads_option(p)
 
 
 def _parse_subjects(words: Sequence[str]) -> tuple:
@@ -61,15 +79,14 @@ def _config_from_args(args, modes: Sequence[str]):
         mask_threshold=args.mask_threshold, steps=args.steps, eta=args.eta,
         guidance=args.guidance, seed=args.seed, num_images=args.num_images,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt,
-        device=args.device, dtype=args.dtype, out=args.out,
+        device=args.device, dtype=args.dtype, out=args.out, overwrite=args.overwrite,
     )
 
 
 def _cmd_generate(args) -> int:
     from .generate import run_modes
 
-    cfg = _config_from_args(args, args.modes or ["asyndm"])
-    result = run_modes(cfg)
+    result = run_modes(_config_from_args(args, args.modes or ["asyndm"]))
     for path in result.paths:
         print(path)
     return 0
@@ -89,6 +106,8 @@ def _cmd_schedule(args) -> int:
 
     from .schedules import SchedulePlan, state_trajectory
 
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     sched = DDIMScheduler(num_train_timesteps=args.num_train_timesteps,
                           steps_offset=args.steps_offset, timestep_spacing=args.spacing)
     plan = SchedulePlan.from_scheduler(sched, args.steps, args.curve)
@@ -110,32 +129,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="asyndm", description="Asynchronous denoising (AsynDM) for text-to-image diffusion.",
-        formatter_class=_FMT,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="generate images in one or more modes",
-                       formatter_class=_FMT, epilog="example: asyndm generate --prompt "
-                       "'a red circle left of a blue square' --subjects circle square "
-                       "--mode dm --mode asyndm --steps 20 --out out/gen")
-    _add_generation_options(p, ["asyndm"])
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _add_generation_options(p, "asyndm")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("compare", help="DM | DM_concave | AsynDM grid and timestep animation",
-                       formatter_class=_FMT, epilog="example: asyndm compare --prompt "
-                       "'a red circle left of a blue square' --subjects circle square "
-                       "--steps 20 --num-images 2 --out out/compare")
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
     _add_generation_options(p, None)
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("schedule", help="print the per-step states of the curves",
-                       formatter_class=_FMT,
-                       epilog="example: asyndm schedule --curve quadratic --k 0.5 "
-                              "--steps 50 --json")
-    p.add_argument("--curve", choices=sorted(CURVES), default="quadratic", help="subject curve")
+
+def _add_schedule(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve", choices=CURVE_NAMES, default="quadratic", help="subject curve")
     p.add_argument("--k", type=float, default=0.5, help="curve strength")
     p.add_argument("--steps", type=int, default=50, help="number of steps")
     p.add_argument("--num-train-timesteps", type=int, default=1000, help="scheduler's T")
@@ -146,45 +151,106 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print {"background": [...], "region": [...]}')
     p.set_defaults(func=_cmd_schedule)
 
-    p = sub.add_parser("demo", help="comparison grid + animation on the embedded model",
-                       formatter_class=_FMT, epilog="example: asyndm demo --out out/demo")
-    p.add_argument("--out", default="out/demo", help="output folder")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out/demo",
+                   help="output folder (its compare.png and timesteps_*.gif are replaced)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps, at least 2")
     p.add_argument("--device", default="cpu", help="torch device")
+    add_threads_option(p)
     p.set_defaults(func=_cmd_demo)
 
-    from .bench.cli import (add_bench_arguments, add_report_arguments, run_bench_cli,
-                            run_report_cli)
-    from .shapes.train_cli import add_arguments as add_train_arguments
-    from .shapes.train_cli import run as run_train
 
-    p = sub.add_parser("train-shapes", help="train the embedded ShapesBench model",
-                       formatter_class=_FMT)
-    add_train_arguments(p)
-    p.set_defaults(func=run_train)
-    p = sub.add_parser("bench", help="benchmark modes/variants on a prompt suite",
-                       formatter_class=_FMT)
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from .shapes.train_cli import add_arguments, run
+
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from .bench.cli import add_bench_arguments, run_bench_cli
+
     add_bench_arguments(p)
     p.set_defaults(func=run_bench_cli)
-    p = sub.add_parser("report", help="report.md, results.csv and plots of a bench run",
-                       formatter_class=_FMT)
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    from .bench.cli import add_report_arguments, run_report_cli
+
     add_report_arguments(p)
     p.set_defaults(func=run_report_cli)
+
+
+_EXAMPLES = {
+    "generate": "example:\n  asyndm generate "
+                "--prompt 'a red circle to the left of a blue square' \\\n"
+                "      --subjects 'red circle' 'blue square' --mode dm --mode asyndm "
+                "--steps 20 --out out/gen",
+    "compare": "example:\n  asyndm compare "
+               "--prompt 'a red circle to the left of a blue square' \\\n"
+               "      --subjects 'red circle' 'blue square' --steps 20 --num-images 2 "
+               "--out out/compare",
+    "schedule": "example:\n  asyndm schedule --curve quadratic --k 0.5 --steps 50 --json",
+    "demo": "example:\n  asyndm demo --out out/demo",
+}
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "generate": ("generate images in one or more modes", _add_generate),
+    "compare": ("DM | DM_concave | AsynDM grid and timestep animation", _add_compare),
+    "schedule": ("print the per-step states of the curves", _add_schedule),
+    "demo": ("comparison grid + animation on the embedded model", _add_demo),
+    "train-shapes": ("train the embedded ShapesBench model", _add_train),
+    "bench": ("benchmark modes/variants on a prompt suite", _add_bench),
+    "report": ("report.md, results.csv and plots of a bench run", _add_report),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``asyndm`` parser; with ``only`` given, only that subcommand gets its options
+    (``""``: none, enough for ``asyndm --help`` and for a mistyped command)."""
+    parser = argparse.ArgumentParser(
+        prog="asyndm", formatter_class=HelpFormatter,
+        description="Asynchronous denoising (AsynDM) for text-to-image diffusion.\nWithout "
+                    "--model every command uses the embedded model (32x32 images, CPU).",
+        epilog="example: asyndm demo --out out/demo     (then see: asyndm generate --help)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, add) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter,
+                           epilog=_EXAMPLES.get(name))
+        if only is None or only == name:
+            add(p)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+# what a user's mistake raises; anything else is a bug and keeps its traceback
+_USER_ERRORS = (ValueError, OSError, sqlite3.DatabaseError)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed command: its ``--threads`` (if it has one), one line per user mistake."""
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # user mistakes: one clear line, no stack trace
-        print(f"asyndm {args.command}: error: {err}", file=sys.stderr)
+        with quiet_foreign_notices(), ExitStack() as stack:
+            if "threads" in vars(args):  # commands without the option keep torch's own
+                stack.enter_context(torch_threads(args.threads))
+            return int(args.func(args) or 0)
+    except _USER_ERRORS as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"asyndm {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"asyndm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_parsed(build_parser(only=_command_of(argv) or "").parse_args(argv))
 
 
 if __name__ == "__main__":

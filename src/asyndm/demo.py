@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .loading import EMBEDDED_GUIDANCE, load_pipeline
+from .generate import MIN_STEPS, check_out_dir
+from .loading import EMBEDDED_GUIDANCE, label_progress, load_pipeline
 from .sampler import MODES, StepRecord
 from .viz import comparison_grid, save_timestep_animation
 
@@ -49,13 +50,17 @@ def run_demo(
 ) -> list[Path]:
     """Write ``compare.png`` and ``timesteps_<i>.gif`` into ``out``; return the paths."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if steps < MIN_STEPS:
+        raise ValueError(f"steps must be >= {MIN_STEPS}, got {steps}")
+    check_out_dir(out, overwrite=True)  # the demo's files replace the last demo's
     pipe = load_pipeline(model, device)
+    out.mkdir(parents=True, exist_ok=True)
     prompts = [p for p, _ in DEMO_PROMPTS]
     subjects = [list(s) for _, s in DEMO_PROMPTS]
     images: dict[str, list[Image.Image]] = {}
     records: list[StepRecord] = []
     for mode in MODES:
+        label_progress(pipe, f"demo: {mode}, {len(prompts)} prompts, denoising steps")
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         images[mode] = pipe(
             prompts, subjects=subjects, k=DEMO_K, mode=mode, num_inference_steps=steps,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,20 +18,38 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .loading import default_guidance, load_pipeline
+from .loading import default_guidance, label_progress, load_pipeline
 from .sampler import MASK_MODES, MODES, StepRecord
 from .schedules import CURVES
+from .subjects import check_for_pipeline
 from .viz import comparison_grid, save_timestep_animation
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+MIN_STEPS = 2
+"""One DDIM step from pure noise returns the network's first x0 guess: noise on the embedded
+model, a blur on Stable Diffusion. Fewer than two steps are refused rather than drawn."""
+MAX_SEED = 2**63 - 1
+"""``torch.Generator.manual_seed`` takes a signed 64-bit seed."""
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Resolved settings of one generate / compare run (saved as ``config.json``)."""
+    """Resolved settings of one generate / compare run (saved as ``config.json``).
+
+    Every check that needs no model runs here, so a mistake is reported before the model
+    loads; the ones that need it (subjects against the tokenizer, k against the steps, image
+    size against the model) run in :func:`check_with_pipeline` before any file is written.
+    """
 
     prompt: str
-    subjects: tuple[str, ...] = ()
+    subjects: tuple[str | int, ...] = ()
     k: tuple[float, ...] = (0.5,)
     model: str | None = None
     curve: str = "quadratic"
@@ -42,23 +61,26 @@ class GenerateConfig:
     guidance: float | None = None  # None: loading.default_guidance(model)
     seed: int = 0
     num_images: int = 1
-    height: int | None = None
+    height: int | None = None  # None: the model's own (recorded resolved in config.json)
     width: int | None = None
     negative_prompt: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
     out: str = "out"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.guidance is None:
             object.__setattr__(self, "guidance", default_guidance(self.model))
         if not self.prompt.strip():
             raise ValueError("prompt must not be empty")
+        if not self.modes:
+            raise ValueError("give at least one mode")
         for m in self.modes:
             if m not in MODES:
                 raise ValueError(f"unknown mode {m!r}; choose from {MODES}")
-        if not self.modes:
-            raise ValueError("give at least one mode")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"each mode once, got {list(self.modes)}")
         if self.curve not in CURVES:
             raise ValueError(f"unknown curve {self.curve!r}; choose from {sorted(CURVES)}")
         if self.mask_mode not in MASK_MODES:
@@ -68,14 +90,32 @@ class GenerateConfig:
         if len(self.k) not in (1, max(len(self.subjects), 1)):
             raise ValueError(f"give one k or one per subject ({len(self.subjects)}), "
                              f"got {len(self.k)}")
-        if self.steps < 1 or self.num_images < 1:
-            raise ValueError("steps and num_images must be >= 1")
-        if self.eta < 0 or self.guidance < 0 or self.mask_threshold <= 0:
-            raise ValueError("eta and guidance must be >= 0, mask_threshold > 0")
+        for name, value in (("guidance", self.guidance), ("eta", self.eta),
+                            ("mask_threshold", self.mask_threshold), *(("k", v) for v in self.k)):
+            _finite(name, value)
+        if not all(0 < v < 1 for v in self.k):
+            raise ValueError(f"k must be in (0, 1), got {list(self.k)}")
+        if self.steps < MIN_STEPS:
+            raise ValueError(f"steps must be >= {MIN_STEPS}, got {self.steps} (one step from "
+                             "pure noise returns the model's first guess: noise)")
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if self.mask_threshold <= 0:
+            raise ValueError(f"mask_threshold must be > 0, got {self.mask_threshold}")
+        for name, size in (("height", self.height), ("width", self.width)):
+            if size is not None and size <= 0:
+                raise ValueError(f"{name} must be > 0, got {size} (leave it out for the "
+                                 "model's own size)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
-        if self.seed < 0:
-            raise ValueError("seed must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED - (self.num_images - 1):
+            raise ValueError(f"seeds must be in 0..2**63-1; seed {self.seed} with "
+                             f"{self.num_images} image(s) uses {self.seed}.."
+                             f"{self.seed + self.num_images - 1}")
 
     def k_values(self) -> float | list[float]:
         return self.k[0] if len(self.k) == 1 else list(self.k)
@@ -96,6 +136,61 @@ def _atomic_save(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+OUTPUT_PATTERNS = tuple(f"{m}_seed*.png" for m in MODES) + (
+    "compare.png", "timesteps_seed*.gif", "config.json")
+"""What generate / compare write at the top of ``--out`` (what ``overwrite`` removes)."""
+
+
+def check_out_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse an ``out`` this run cannot write, or one holding files without ``overwrite``.
+
+    Runs before the model loads, so a mistake costs nothing and writes nothing.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"--out {out} already holds {len(held)} file(s) ({shown}); choose a "
+                         "new folder, or pass --overwrite to replace an earlier run's files")
+
+
+def _remove_earlier_outputs(out: Path) -> None:
+    for pattern in OUTPUT_PATTERNS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """``(height, width)`` the pipeline will draw: the model's own where ``None``; a
+    ``ValueError`` unless both are positive multiples of the model's latent cell."""
+    backbone = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    factor = int(getattr(pipe, "vae_scale_factor", 1))
+    cell = factor * int(getattr(backbone.config, "patch_size", None) or 1)
+    native = getattr(pipe, "default_sample_size", None) or backbone.config.sample_size
+    native_hw = tuple(native) if isinstance(native, (list, tuple)) else (native, native)
+    h, w = height or native_hw[0] * factor, width or native_hw[1] * factor
+    if h % cell or w % cell:
+        raise ValueError(f"height and width must be multiples of {cell} for this model, "
+                         f"got {h}x{w} (its own size: {native_hw[0] * factor}x"
+                         f"{native_hw[1] * factor})")
+    return h, w
+
+
+def check_with_pipeline(cfg: GenerateConfig, pipe) -> tuple[int, int]:
+    """The checks that need the loaded model (subjects, k, image size); returns the size."""
+    if set(cfg.modes) - {"dm"}:
+        check_for_pipeline(pipe, cfg.prompt, list(cfg.subjects), cfg.k_values(), cfg.steps,
+                           cfg.curve)
+    return image_size(pipe, cfg.height, cfg.width)
+
+
 def write_config(cfg: GenerateConfig, out: Path, extra: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data = asdict(cfg)
@@ -109,27 +204,42 @@ def write_config(cfg: GenerateConfig, out: Path, extra: dict | None = None) -> P
 
 
 def run_modes(cfg: GenerateConfig, pipe=None, keep_records: bool = False) -> RunResult:
-    """Generate every image of ``cfg`` in every mode (images written as they finish)."""
+    """Generate every image of ``cfg`` in every mode (images written as they finish).
+
+    Every mistake is reported before the first file is written: ``out`` and the device
+    before the model loads, subjects, k and image size right after.
+    """
+    out = Path(cfg.out)
+    check_out_dir(out, cfg.overwrite)
     if pipe is None:
         pipe = load_pipeline(cfg.model, cfg.device, DTYPES[cfg.dtype])
-    out = Path(cfg.out)
-    write_config(cfg, out, {"model_resolved": str(getattr(pipe, "name_or_path", cfg.model))})
+    height, width = check_with_pipeline(cfg, pipe)
+    if cfg.overwrite:
+        _remove_earlier_outputs(out)
+    write_config(cfg, out, {"model_resolved": str(getattr(pipe, "name_or_path", cfg.model)),
+                            "height": height, "width": width,
+                            "threads": torch.get_num_threads()})
     result = RunResult()
     # flow-matching pipelines (SD3) step deterministically and take no eta
     extra = {"eta": cfg.eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}
+    # a one-prompt list, so that diffusers sees prompt and negative prompt of one type
+    negative = None if cfg.negative_prompt is None else [cfg.negative_prompt]
     for mode in cfg.modes:
         result.images[mode], result.records[mode] = [], []
         for i in range(cfg.num_images):
+            seed = cfg.seed + i
+            label_progress(pipe, f"{mode} image {i + 1}/{cfg.num_images} (seed {seed}), "
+                                 "denoising steps")
             records: list[StepRecord] = []
             img = pipe(
-                cfg.prompt, subjects=list(cfg.subjects) or None, k=cfg.k_values(), mode=mode,
-                curve=cfg.curve, mask_mode=cfg.mask_mode, mask_threshold=cfg.mask_threshold,
-                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, **extra,
-                generator=torch.Generator().manual_seed(cfg.seed + i), height=cfg.height,
-                width=cfg.width, negative_prompt=cfg.negative_prompt,
-                callback=records.append if keep_records else None,
+                [cfg.prompt], subjects=list(cfg.subjects) or None, k=cfg.k_values(),
+                mode=mode, curve=cfg.curve, mask_mode=cfg.mask_mode,
+                mask_threshold=cfg.mask_threshold, num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance, **extra,
+                generator=torch.Generator().manual_seed(seed), height=height, width=width,
+                negative_prompt=negative, callback=records.append if keep_records else None,
             ).images[0]
-            path = out / f"{mode}_seed{cfg.seed + i}.png"
+            path = out / f"{mode}_seed{seed}.png"
             _atomic_save(img, path)
             result.images[mode].append(img)
             result.records[mode].append(records)

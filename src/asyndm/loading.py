@@ -61,6 +61,89 @@ def _pipeline_class(model: str):
     return AsynDMPipeline
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has; a clear ``ValueError`` if not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N, mps or xpu") \
+            from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    if backend is None or not backend.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) has no "
+                         f"usable {dev.type} device here; use --device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {str(device)!r}: only {count} {dev.type} device(s) here "
+                         f"(0..{count - 1})")
+    return dev
+
+
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A local diffusers folder whose weights are all safetensors (pickles can run code)."""
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a diffusers model folder (no model_index.json)")
+    for part in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pickles = [f.name for pattern in _PICKLES for f in part.glob(pattern)]
+        if pickles and not any(part.glob("*.safetensors")):
+            raise ValueError(
+                f"{part} has only pickle weights ({', '.join(sorted(pickles))}); asyndm reads "
+                "safetensors only, since loading a pickle can run code. Convert the folder, e.g. "
+                "load it once with diffusers and save_pretrained(..., safe_serialization=True)")
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for what can only be a folder: hub ids are ``name`` or ``owner/name``."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+
+
+def _from_pretrained(cls, path: str, dtype: torch.dtype, local: bool):
+    """``cls.from_pretrained`` with safetensors only; loading failures as one ``ValueError``."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    if not local:  # the hub's retry notices would only repeat the one-line error below
+        diffusers_logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except OSError as err:
+        reason = " ".join(str(err).split())
+        if len(reason) > 240:
+            reason = reason[:240] + "..."
+        if local:
+            raise ValueError(f"cannot load the model folder {path}: {reason}") from None
+        raise ValueError(
+            f"model {path!r} is not a local folder and could not be loaded from the Hugging "
+            f"Face hub (no network, no cached copy, or no such model: {reason}); download it "
+            f"first (huggingface-cli download {path}) or pass --model DIR") from None
+    finally:
+        diffusers_logging.set_verbosity(before)
+
+
+def check_model(model: str | Path | None) -> str:
+    """Where ``model`` loads from (a folder or a hub id), checked as far as can be without
+    loading it: an existing folder must be a safetensors diffusers folder."""
+    if model is None:
+        return str(embedded_model_path())
+    path = str(model)
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ValueError(f"--model {path}: a file, not a diffusers model folder")
+        _check_model_folder(folder)
+        return str(folder)
+    if _looks_like_path(path):
+        raise FileNotFoundError(f"--model {path}: no such folder")
+    return path
+
+
 def load_pipeline(
     model: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -69,15 +152,24 @@ def load_pipeline(
 ):
     """Load ``model`` (a diffusers folder or hub id; ``None`` = embedded) for AsynDM.
 
-    UNet pipelines get a ``DDIMScheduler`` built from the model's scheduler config.
+    UNet pipelines get a ``DDIMScheduler`` built from the model's scheduler config. Every
+    mistake a user can make here (no such folder or hub id, pickle weights, a device this
+    machine lacks) raises one ``ValueError`` / ``FileNotFoundError`` before loading.
     """
-    path = str(embedded_model_path() if model is None else model)
-    folder = Path(path)
-    if model is not None and folder.exists() and not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
+    dev = check_device(device)
+    path = check_model(model)
     cls = _pipeline_class(path)
-    pipe = cls.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    pipe = _from_pretrained(cls, path, dtype, local=Path(path).is_dir())
     if hasattr(pipe, "unet") and not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
-    return pipe.to(device)
+    return pipe.to(dev)
+
+
+def label_progress(pipe, desc: str, enabled: bool | None = None) -> None:
+    """Name what the pipeline's progress bar counts (kept on screen when done)."""
+    config = dict(getattr(pipe, "_progress_bar_config", None) or {})
+    config.update(desc=desc, leave=True)
+    if enabled is not None:
+        config["disable"] = not enabled
+    pipe.set_progress_bar_config(**config)

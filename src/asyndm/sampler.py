@@ -17,7 +17,7 @@ from .denoise import Denoiser
 from .masks import region_labels, resize_labels
 from .schedules import SchedulePlan
 from .state import (MASK_MODES, MODES, Subjects, after_step, begin, check_sample_args,
-                    initial_regions, next_timestep_map, off_ladder, regions_from_attention,
+                    initial_regions, ladder_flags, next_timestep_map, regions_from_attention,
                     step_states)
 from .step import StepConfig, alpha_bar, ddim_step
 
@@ -110,11 +110,11 @@ def sample(
     for i in steps:
         # 2. the next state of every pixel, from this transition's regions
         nxt = step_states(plan, st)
-        nxt_lagging = off_ladder(plan, i + 1, nxt)
+        nxt_flags = ladder_flags(plan, i + 1, nxt)
         t_map, t_next_map = st.timestep_map(), next_timestep_map(plan, st, nxt)
         # a grid on the ladder takes 0-d timesteps, as diffusers passes them
         t = t_map if st.lagging else torch.tensor(plan.timesteps[i], device=device)
-        t_next = t_next_map if nxt_lagging else torch.tensor(
+        t_next = t_next_map if nxt_flags[0] else torch.tensor(
             plan.timesteps[i + 1] if i + 1 < n_steps else -1, device=device)
         # 3. the guided model, with the subject attention of this step when needed
         out = denoise(x, t, capture=capture)
@@ -140,7 +140,7 @@ def sample(
             subj_attn = subjects.subject_attention(out.attention)  # (B, S, hm, wm)
             attn_sum = subj_attn if attn_sum is None else attn_sum + subj_attn
         st = after_step(plan, st, nxt, subj_attn if dynamic else None, mask_threshold,
-                        nxt_lagging)
+                        nxt_flags)
     attention = attn_sum / n_steps if attn_sum is not None else None
     return SampleResult(latents=x, labels=st.labels, attention=attention)
 

@@ -73,6 +73,9 @@ class PixelState:
         k_values: the distinct non-zero strengths, as Python floats.
         lagging: whether any pixel is off the background ladder at ``step`` (a host flag,
             read once per step, so that a run with no lag is the scheduler's own run).
+        uniform: the one timestep of the whole map when all pixels share it (dm_concave,
+            the first step of dynamic masks), else ``None``: the model then takes the
+            plain scalar-timestep path.
     """
 
     step: int
@@ -82,6 +85,7 @@ class PixelState:
     k_map: torch.Tensor
     k_values: tuple[float, ...]
     lagging: bool
+    uniform: int | None = None
 
     def timestep_map(self) -> torch.Tensor:
         """``(B, h, w)`` int64 timesteps the model is evaluated at (the rounded states)."""
@@ -127,11 +131,19 @@ def regions_from_attention(
     return labels, k_map_from_labels(labels, k)
 
 
-def off_ladder(plan: SchedulePlan, step: int, state: torch.Tensor) -> bool:
-    """Whether any pixel is off the ladder at ``step`` (one host synchronisation)."""
+def ladder_flags(plan: SchedulePlan, step: int, state: torch.Tensor) -> tuple[bool, int | None]:
+    """``(lagging, uniform)`` of a state map at ``step`` (one host synchronisation).
+
+    ``lagging``: some pixel is off the ladder; ``uniform``: the timestep every pixel has
+    when the rounded map holds a single value, else ``None``.
+    """
     if step >= plan.num_steps:
-        return False
-    return bool((state != plan.background_at(step)).any())
+        return False, None
+    t_map = state.round()
+    first = t_map.flatten()[0]
+    flags = torch.stack([(state != plan.background_at(step)).any().to(state.dtype),
+                         (t_map != first).any().to(state.dtype), first]).tolist()
+    return bool(flags[0]), None if flags[1] else int(flags[2])
 
 
 def begin(
@@ -168,7 +180,7 @@ def begin(
         state = torch.full_like(state, plan.background_at(0))
     else:
         state = advance(plan, state, -1, k_map, k_values)
-    return PixelState(0, state, labels, k, k_map, k_values, off_ladder(plan, 0, state))
+    return PixelState(0, state, labels, k, k_map, k_values, *ladder_flags(plan, 0, state))
 
 
 def step_states(plan: SchedulePlan, st: PixelState) -> torch.Tensor:
@@ -189,7 +201,7 @@ def after_step(
     nxt: torch.Tensor,
     subj_attn: torch.Tensor | None = None,
     threshold: float = 1.0,
-    lagging: bool | None = None,
+    flags: tuple[bool, int | None] | None = None,
 ) -> PixelState:
     """The state of the next step.
 
@@ -200,13 +212,13 @@ def after_step(
         subj_attn: ``(B, S, hm, wm)`` subject attention of this step's model call; given,
             it sets the regions of the next transition (dynamic masks).
         threshold: multiple of the spatial mean that claims a pixel.
-        lagging: :func:`off_ladder` of ``nxt``, when the caller has read it already.
+        flags: :func:`ladder_flags` of ``nxt``, when the caller has read them already.
     """
     labels, k_map = st.labels, st.k_map
     if subj_attn is not None:
         labels, k_map = regions_from_attention(subj_attn, st.k, threshold,
                                                tuple(nxt.shape[-2:]))
     step = st.step + 1
-    if lagging is None:
-        lagging = off_ladder(plan, step, nxt)
-    return PixelState(step, nxt, labels, st.k, k_map, st.k_values, lagging)
+    if flags is None:
+        flags = ladder_flags(plan, step, nxt)
+    return PixelState(step, nxt, labels, st.k, k_map, st.k_values, *flags)

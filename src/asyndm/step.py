@@ -148,3 +148,66 @@ def ddim_step(
             raise ValueError("eta > 0 needs a noise tensor")
         prev = prev + std * noise
     return StepOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+# -- Euler (k-diffusion) family ------------------------------------------------------------
+#
+# Notation (Karras et al. 2022; diffusers' EulerDiscreteScheduler / EulerAncestral...):
+# ``sigma = sqrt((1 - a_t) / a_t)`` per pixel, the sample is ``x = x0 + sigma eps`` and the
+# network sees ``x / sqrt(sigma^2 + 1)``. ``sigma_next`` is ``0`` after the last step.
+
+
+def sigma_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` sigma of every integer timestep, in the Euler schedulers' own arithmetic."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def euler_x0(model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor,
+             prediction_type: str) -> torch.Tensor:
+    """Predicted clean sample for an Euler step (``sample`` already in float32)."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+    if prediction_type in ("sample", "original_sample"):
+        return model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported by Euler steps")
+
+
+def euler_step(
+    model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor,
+    sigma_next: torch.Tensor, prediction_type: str = "epsilon",
+) -> StepOutput:
+    """One Euler step where sigmas may differ per pixel (``s_churn = 0``).
+
+    Args:
+        model_output: ``(B, C, h, w)`` network output.
+        sample: ``(B, C, h, w)`` current sample (upcast to float32 as the scheduler does).
+        sigma, sigma_next: float32, broadcastable to ``sample`` (``(B, 1, h, w)`` maps).
+    """
+    # 1. the clean sample, 2. the ODE derivative, 3. the step, in float32
+    x = sample.to(torch.float32)
+    x0 = euler_x0(model_output, x, sigma, prediction_type)
+    derivative = (x - x0) / sigma
+    prev = x + derivative * (sigma_next - sigma)
+    return StepOutput(prev_sample=prev.to(model_output.dtype), pred_original_sample=x0)
+
+
+def euler_ancestral_step(
+    model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor,
+    sigma_next: torch.Tensor, noise: torch.Tensor, prediction_type: str = "epsilon",
+) -> StepOutput:
+    """One ancestral Euler step where sigmas may differ per pixel.
+
+    The step goes down to ``sigma_down`` and adds ``sigma_up`` of fresh ``noise``, with
+    ``sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2`` and
+    ``sigma_down^2 = sigma_next^2 - sigma_up^2``.
+    """
+    x = sample.to(torch.float32)
+    x0 = euler_x0(model_output, x, sigma, prediction_type)
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    derivative = (x - x0) / sigma
+    prev = x + derivative * (sigma_down - sigma)
+    prev = prev + noise * sigma_up
+    return StepOutput(prev_sample=prev.to(model_output.dtype), pred_original_sample=x0)

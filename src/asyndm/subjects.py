@@ -3,8 +3,9 @@
 A subject is given as
 
 * a word or phrase (``"cat"``, ``"red car"``): all its tokens, first occurrence;
-* a word with an occurrence (``"cat#2"``): the second occurrence of ``cat``;
-* an int or a sequence of ints: raw token positions (position 0 is the start token).
+* a word with an occurrence (``"cat#2"``): the second occurrence of ``cat`` (from 1);
+* an int or a sequence of ints: raw token positions of the prompt's own tokens (position 0
+  is the start token; the end token and the padding after it are refused).
 
 The paper's ``*_item.json`` files give 0-based indices that the reference applies to the
 text tokens after the start token, so index ``i`` is token position ``i + 1``
@@ -68,17 +69,23 @@ def resolve_subject(tokenizer, prompt: str, spec: SubjectSpec, k: float) -> Reso
     n_valid = len(ids)
     if isinstance(spec, int) or (not isinstance(spec, str) and isinstance(spec, Sequence)):
         positions = (spec,) if isinstance(spec, int) else tuple(int(p) for p in spec)
-        bad = [p for p in positions if not 0 < p < tokenizer.model_max_length]
+        # the prompt's own tokens: not the start token, not the end token or the padding
+        last = n_valid - 2 if ids[-1] == tokenizer.eos_token_id else n_valid - 1
+        bad = [p for p in positions if not 0 < p <= last]
         if bad:
             raise ValueError(
-                f"token positions {bad} outside 1..{tokenizer.model_max_length - 1} for prompt "
-                f"{prompt!r}; tokens: {_describe(tokenizer, ids)}"
+                f"token positions {bad} outside the prompt's tokens 1..{last} for prompt "
+                f"{prompt!r} (0 is the start token, beyond {last} the end token and "
+                f"padding); tokens: {_describe(tokenizer, ids)}"
             )
         return ResolvedSubject(label=f"tokens{list(positions)}", positions=positions, k=k)
     text, occurrence = spec.strip(), 1
     m = _OCCURRENCE.match(text)
     if m:
         text, occurrence = m.group(1), int(m.group(2))
+        if occurrence < 1:
+            raise ValueError(f"subject {spec!r}: occurrences count from 1 "
+                             f"('{text}#1' is the first {text!r})")
     if not text:
         raise ValueError(f"empty subject for prompt {prompt!r}")
     sub = [i for i in tokenizer(text, add_special_tokens=False).input_ids if i not in special]
@@ -135,3 +142,21 @@ def batch_subjects(per_prompt: Sequence[Sequence[ResolvedSubject]],
         positions[b, col:] = positions[b, 0]  # padding columns get weight 0
     return Subjects(positions=positions.to(device), weights=weights.to(device),
                     k=k.to(device), first_position=first.to(device))
+
+
+def check_for_pipeline(pipe, prompt: str, specs: Sequence[SubjectSpec],
+                       k: float | Sequence[float], steps: int,
+                       curve: str) -> list[ResolvedSubject]:
+    """Resolve ``specs`` with ``pipe``'s tokenizer and check every ``k`` against the DDIM
+    plan of ``steps`` and ``curve``, before any model work (flow pipelines check their own k).
+    """
+    from diffusers import DDIMScheduler
+
+    from .schedules import SchedulePlan
+
+    resolved = resolve_subjects(pipe.tokenizer, prompt, specs, k)
+    if isinstance(pipe.scheduler, DDIMScheduler):
+        plan = SchedulePlan.from_scheduler(pipe.scheduler, steps, curve)
+        for sub in resolved:
+            plan.validate_k(sub.k)
+    return resolved

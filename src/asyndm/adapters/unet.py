@@ -113,11 +113,12 @@ class PerPixelTimestep:
         add(unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
         add(unet.register_forward_hook(self._unet_post))
         add(unet.time_embedding.register_forward_hook(self._zero_when_active))
-        if unet.time_embed_act is not None:
-            add(unet.time_embed_act.register_forward_pre_hook(self._record_extra))
+        act = getattr(unet, "time_embed_act", None)  # a ControlNetModel has none
+        if act is not None:
+            add(act.register_forward_pre_hook(self._record_extra))
         for mod in unet.modules():
             if type(mod).__name__ == "ResnetBlock2D" and mod.time_emb_proj is not None:
-                if unet.time_embed_act is None:
+                if act is None:
                     add(mod.register_forward_pre_hook(self._record_extra_from_resnet,
                                                       with_kwargs=True))
                 add(mod.time_emb_proj.register_forward_hook(self._zero_when_active))
@@ -191,8 +192,9 @@ class PerPixelTimestep:
             table = unet.time_embedding.forward(t_emb)  # (U, C)
             extra = st.extra if st.extra is not None else torch.zeros_like(table[:1])
             emb = table[None] + extra[:, None]  # (B, U, C)
-            if unet.time_embed_act is not None:
-                emb = unet.time_embed_act.forward(emb)
+            act = getattr(unet, "time_embed_act", None)
+            if act is not None:
+                emb = act.forward(emb)
             st.emb = emb
         return st.emb
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..sampler import MODES
+from ..cli_base import DTYPE_NAMES, MODES, HelpFormatter, add_threads_option
 
 __all__ = ["add_bench_arguments", "add_report_arguments", "run_bench_cli", "run_report_cli"]
 
@@ -28,10 +28,6 @@ example:
 """
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, and keep the example's lines as written (copy-pasteable)."""
-
-
 def _shard(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     try:
@@ -45,11 +41,11 @@ def _shard(text: str) -> tuple[int, int]:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (also sets its formatter and example)."""
-    parser.formatter_class = _Formatter
+    parser.formatter_class = HelpFormatter
     parser.epilog = BENCH_EXAMPLE
     p = parser
     p.add_argument("--model", default=None,
-                   help="diffusers model folder or hub id (None: the embedded model)")
+                   help="diffusers model folder or hub id (default: the embedded model)")
     p.add_argument("--suite", default="shapes",
                    help="built-in suite name (shapes) or a JSON prompt file: a list of "
                         "prompts (paper format, with <stem>_item.json beside it) or of "
@@ -70,8 +66,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run folder: results.sqlite, images/, bench_config.json; running "
                         "again resumes")
     p.add_argument("--metrics", nargs="*", default=None,
-                   help="metrics to score with (shapes, clipscore); None: shapes for the "
-                        "shapes suite, none otherwise")
+                   help="metrics to score with (shapes, clipscore) (default: shapes for the "
+                        "shapes suite, none otherwise)")
     p.add_argument("--clip-model", default=None,
                    help="local CLIP model folder (safetensors) for the clipscore metric")
     p.add_argument("--batch-size", type=int, default=4,
@@ -79,15 +75,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="torch device; auto: the process's accelerator under accelerate "
                         "launch, else the machine's, else cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="network dtype")
     p.add_argument("--category", dest="categories", action="append", default=None,
-                   metavar="NAME", help="only prompts of this category (repeatable; None: all)")
+                   metavar="NAME", help="only prompts of this category (repeatable; default: all)")
     p.add_argument("--limit", type=int, default=None,
-                   help="only the first N prompts of the suite (None: all)")
+                   help="only the first N prompts of the suite (default: all)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
-                   help="run only work units I, I+N, ... (None: from accelerate launch)")
+                   help="run only work units I, I+N, ... (default: from accelerate launch, else all)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_threads_option(p)
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
@@ -122,7 +119,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``report`` options to ``parser`` (also sets its formatter and example)."""
     from .report import N_RESAMPLES
 
-    parser.formatter_class = _Formatter
+    parser.formatter_class = HelpFormatter
     parser.epilog = REPORT_EXAMPLE
     parser.add_argument("out", metavar="DIR", help="run folder of asyndm bench")
     parser.add_argument("--baseline", default="dm",
@@ -148,18 +145,15 @@ def run_report_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m asyndm.bench {bench,report} ...`` (also under ``accelerate launch -m``)."""
-    parser = argparse.ArgumentParser(prog="python -m asyndm.bench", formatter_class=_Formatter,
+    from ..cli import run_parsed
+
+    parser = argparse.ArgumentParser(prog="python -m asyndm.bench", formatter_class=HelpFormatter,
                                      description="Benchmark AsynDM variants on a prompt suite.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_bench_arguments(sub.add_parser("bench", help="generate, score and record images"))
-    add_report_arguments(sub.add_parser("report", help="report.md, results.csv and plots"))
-    args = parser.parse_args(argv)
-    run = run_bench_cli if args.command == "bench" else run_report_cli
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"asyndm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"asyndm {args.command}: interrupted; run again to resume", file=sys.stderr)
-        return 130
+    bench = sub.add_parser("bench", help="generate, score and record images")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench_cli)
+    report = sub.add_parser("report", help="report.md, results.csv and plots")
+    add_report_arguments(report)
+    report.set_defaults(func=run_report_cli)
+    return run_parsed(parser.parse_args(argv))

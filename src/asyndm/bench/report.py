@@ -280,7 +280,13 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 def write_report(out_dir: str | Path, *, baseline: str = "dm", n_resamples: int = N_RESAMPLES,
                  seed: int = 0, examples: int = 6) -> ReportFiles:
     """Write ``report.md``, ``results.csv`` and the plots of the run in ``out_dir``."""
+    if n_resamples < 1:
+        raise ValueError(f"resamples must be >= 1 (2000 is usual), got {n_resamples}")
+    if examples < 0:
+        raise ValueError(f"examples must be >= 0, got {examples}")
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not the run folder of asyndm bench")
     if not (root / DB_NAME).is_file():
         raise FileNotFoundError(f"{root} holds no benchmark results ({DB_NAME} is missing)")
     config_path = root / CONFIG_NAME
@@ -288,6 +294,9 @@ def write_report(out_dir: str | Path, *, baseline: str = "dm", n_resamples: int 
     with Store(root) as store:
         results, scores = _load(store)
     variants = _variant_order(results, config)
+    if variants and baseline not in variants:
+        raise ValueError(f"baseline {baseline!r} is not a variant of this run; its variants: "
+                         f"{', '.join(variants)}")
     rows = _table(results, scores, variants, baseline, n_resamples, seed)
     csv_path = root / "results.csv"
     _write_csv(rows, csv_path)

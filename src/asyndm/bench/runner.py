@@ -3,13 +3,18 @@
 Work is cut into *units*, one per (prompt, seed), ordered prompt-major. For each unit every
 variant runs from a CPU generator seeded with the unit's seed, so the variants of a unit share
 their initial and per-step noise and their scores can be compared in pairs. Up to
-``batch_size`` pending seeds of one prompt run as one pipeline call (one generator per
-image, so an image depends on its seed, not on its batch).
+``batch_size`` pending seeds of one prompt run as one pipeline call, one generator per
+image: an image's noise depends on its seed only, but batched kernels round differently, so
+the same seed in a batch of another size can differ in the last bit (measured: one uint8
+value). ``batch_size`` is therefore pinned in the store like the other settings, and each
+row records the size of the call that made it (a resumed partial batch may be smaller).
 
 Resuming is by construction (see :mod:`asyndm.bench.store`): what the store has is skipped,
 so a killed run started again continues where it stopped and a finished run does nothing.
-The settings that decide images (model, steps, guidance, eta, dtype, each variant's settings)
-are pinned in the store on the first run; a later run with other values is refused.
+The settings that decide images (model, steps, guidance, eta, dtype, batch size, each
+variant's settings) are pinned in the store on the first run; a later run with other values
+is refused. One process per shard may run on a folder at a time: a second one started on
+the same shard is refused (a lock file per shard), so work is never done twice.
 
 Sharding: under ``accelerate launch --num_processes N`` process ``i`` (accelerate's
 ``PartialState``) takes units ``i, i + N, i + 2N, ...``; all processes write into the one
@@ -39,12 +44,13 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..generate import MIN_STEPS
 from ..loading import default_guidance
 from ..sampler import MODES
 from ..schedules import SchedulePlan
 from ..subjects import resolve_subjects
 from .metrics import Metric, MetricOptions, build_metrics, score_images
-from .store import (CONFIG_NAME, ResultRow, Store, remove_stale_temp_files,
+from .store import (CONFIG_NAME, ResultRow, Store, remove_stale_temp_files, shard_lock,
                     write_image_atomic)
 from .suites import BenchEntry, Suite, load_suite
 from .variants import DEFAULT_K, Variant, default_variants, variant_dirname
@@ -105,8 +111,8 @@ class BenchConfig:
             raise ValueError(f"variant names must be unique, got {names}")
         if self.seeds < 1 or self.first_seed < 0:
             raise ValueError("seeds must be >= 1 and first_seed >= 0")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.steps < MIN_STEPS:
+            raise ValueError(f"steps must be >= {MIN_STEPS}, got {self.steps}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         if not (math.isfinite(self.eta) and self.eta >= 0):
@@ -190,22 +196,36 @@ def _subject_settings(entry: BenchEntry, variant: Variant) -> tuple[list | None,
 
 
 def _preflight(pipe, suite: Suite, entries: tuple[BenchEntry, ...], config: BenchConfig,
-               metrics: list[Metric]) -> None:
-    """Fail before any model work on what a prompt, variant or metric gets wrong."""
-    for i, entry in enumerate(entries):
+               metrics: list[Metric], progress: bool = True) -> None:
+    """Fail before any model work on what a prompt, variant or metric gets wrong.
+
+    Each prompt's subjects are resolved once and each (curve, k) is checked once, so a
+    million-entry suite takes minutes, with a progress bar past 10,000 entries.
+    """
+    needing = [v for v in config.variants if v.needs_subjects]
+    ddim = isinstance(pipe.scheduler, DDIMScheduler)  # flow pipelines check their own k
+    plans = {v.curve: SchedulePlan.from_scheduler(pipe.scheduler, config.steps, v.curve)
+             for v in needing} if ddim else {}
+    checked: set[tuple[str, float]] = set()
+    bar = tqdm(entries, desc="checking prompts and subjects", unit="prompt", file=sys.stderr,
+               disable=not progress or len(entries) < 10_000 or not needing, leave=False)
+    for i, entry in enumerate(bar):
         where = f"suite {suite.source}: entry {i} ({entry.prompt[:60]!r})"
-        for v in config.variants:
+        for v in needing:
             subjects, k = _subject_settings(entry, v)
-            if subjects is None:
-                continue
             if not subjects:
                 raise ValueError(f"{where} has no subjects, which variant {v.name!r} (mode "
                                  f"{v.mode}) needs; add subjects or benchmark only dm")
             try:
-                resolve_subjects(pipe.tokenizer, entry.prompt, subjects, k)
-                if isinstance(pipe.scheduler, DDIMScheduler):  # flow pipelines check their own
-                    SchedulePlan.from_scheduler(pipe.scheduler, config.steps,
-                                                v.curve).validate_k(max(k))
+                if v is needing[0]:  # the positions are the same for every variant
+                    resolve_subjects(pipe.tokenizer, entry.prompt, subjects, k)
+                for kk in k:
+                    if (v.curve, kk) not in checked:
+                        if ddim:
+                            plans[v.curve].validate_k(kk)
+                        elif not 0 < kk < 1:
+                            raise ValueError(f"k must be in (0, 1), got {kk}")
+                        checked.add((v.curve, kk))
             except ValueError as err:
                 raise ValueError(f"{where}, variant {v.name!r}: {err}") from None
     for m in metrics:
@@ -355,12 +375,13 @@ def run_bench(config: BenchConfig, *, pipe=None, progress: bool = True) -> Bench
     opts = MetricOptions(device=device, clip_model=config.clip_model,
                          paths=dict(config.metric_paths))
     metrics = build_metrics(metric_names, opts)
-    _preflight(pipe, suite, entries, config, metrics)
+    _preflight(pipe, suite, entries, config, metrics, progress)
 
-    with Store(out) as store:
+    with shard_lock(out, index, count), Store(out) as store:
         store.ensure_meta("generation", {"model": _model_key(config.model), "steps": config.steps,
                                          "guidance": config.guidance, "eta": config.eta,
                                          "dtype": config.dtype})
+        store.ensure_meta("batch_size", config.batch_size)
         for v in config.variants:
             store.ensure_meta(f"variant:{v.name}", v.settings())
         if index == 0:

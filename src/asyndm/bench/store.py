@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ from typing import Any
 from PIL import Image
 
 __all__ = ["CONFIG_NAME", "DB_NAME", "SCHEMA_VERSION", "ResultRow", "Store", "StoreMismatch",
-           "remove_stale_temp_files", "write_image_atomic"]
+           "remove_stale_temp_files", "shard_lock", "write_image_atomic"]
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "bench_config.json"
@@ -124,7 +125,14 @@ class Store:
         self.path = self.root / DB_NAME
         self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self._setup()
+        try:
+            self._setup()
+        except sqlite3.DatabaseError as err:
+            self.conn.close()
+            if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                raise
+            raise ValueError(f"{self.path} is not an asyndm results database ({err}); move "
+                             "it away or use another output folder") from None
 
     def _setup(self) -> None:
         # switching to WAL needs a moment alone with the file: retry while others hold it
@@ -255,6 +263,40 @@ def write_image_atomic(image: Image.Image, path: Path) -> str:
         finally:
             os.close(fd)
     return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def shard_lock(root: Path, index: int, count: int) -> Iterator[None]:
+    """Hold the run folder's lock of shard ``index`` of ``count`` for the body.
+
+    A second process on the same shard is refused at once (``ValueError``) instead of
+    generating the same images again; other shards (``accelerate launch``) run alongside.
+    The lock is an ``flock`` on a hidden file, released by the OS if the process dies.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".lock-shard-{index}-of-{count}"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"{root}: shard {index + 1}/{count} is being run by {holder}; "
+                             "wait for it to finish (a later run resumes) or use another "
+                             "--out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,280 @@
+"""``asyndm.enable(pipe, ...)``: AsynDM inside a diffusers pipeline's own ``__call__``.
+
+Inside the ``with`` block the pipeline samples with AsynDM, through three seams and nothing
+else (every one undone on exit):
+
+1. its scheduler is swapped for the per-pixel version (:mod:`asyndm.schedulers`), which
+   holds the run's state (:class:`~asyndm.schedulers.AsynRun`);
+2. forward(-pre) hooks on the UNet (and a ControlNet) hand the model that state's timestep
+   map instead of the scalar timestep, through :class:`~asyndm.adapters.unet.PerPixelTimestep`,
+   and capture the subject attention of the conditional rows (processors of
+   :mod:`asyndm.adapters.attention`) into the state;
+3. the pipeline's ``encode_prompt`` is wrapped (an instance attribute) so that subject
+   words are resolved against the prompt the pipeline was called with, by its tokenizer.
+
+Batches are recognised by their size: the model sees ``m B`` rows for ``B`` samples
+(``m = 2`` with classifier-free guidance, ``3`` with PAG on top), the map is repeated ``m``
+times and attention is read from the conditional rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters.attention import AttentionCapture
+from .adapters.unet import PerPixelTimestep
+from .sampler import StepRecord
+from .schedulers import AsynRun, per_pixel_scheduler
+from .schedules import CURVES
+from .state import MASK_MODES, MODES
+from .subjects import ResolvedSubject, SubjectSpec, batch_subjects, resolve_subjects
+
+
+def check_options(mode: str, curve: str, mask_mode: str, mask_threshold: float) -> None:
+    """Validate the AsynDM options a user can get wrong (one-line ``ValueError`` each)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if curve not in CURVES:
+        raise ValueError(f"curve must be one of {sorted(CURVES)}, got {curve!r}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    if not (isinstance(mask_threshold, (int, float)) and mask_threshold > 0
+            and mask_threshold < float("inf")):
+        raise ValueError(f"mask_threshold must be a finite number > 0, got {mask_threshold!r}")
+
+
+def _per_prompt(subjects: Sequence, n_prompts: int) -> list[list]:
+    """One list per prompt when several prompts come with as many lists, else shared."""
+    if n_prompts > 1 and len(subjects) == n_prompts and all(
+        isinstance(s, (list, tuple)) for s in subjects
+    ):
+        return [list(s) for s in subjects]
+    return [list(subjects)] * n_prompts
+
+
+def _positions_only(specs: Sequence, k) -> list[ResolvedSubject]:
+    """Subjects given as token positions, for a call with ``prompt_embeds`` and no prompt."""
+    ks = [float(k)] * len(specs) if isinstance(k, (int, float)) else [float(v) for v in k]
+    if len(ks) != len(specs):
+        raise ValueError(f"{len(specs)} subjects but {len(ks)} k values")
+    out = []
+    for spec, kk in zip(specs, ks):
+        if isinstance(spec, int):
+            spec = (spec,)
+        if isinstance(spec, str) or not all(isinstance(p, int) and p > 0 for p in spec):
+            raise ValueError("with prompt_embeds and no prompt, give subjects as token "
+                             f"positions (ints > 0), not {spec!r}")
+        out.append(ResolvedSubject(label=f"tokens{list(spec)}", positions=tuple(spec), k=kk))
+    return out
+
+
+class AsynDMHooks:
+    """Install AsynDM on a pipeline object for one or more calls (see the module docstring).
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` (SD 1.x / 2.x, SDXL and their img2img,
+            inpainting, ControlNet and PAG pipelines).
+        run: the run state the scheduler and hooks share.
+        subjects: subject words / token positions (one list, or one list per prompt).
+        k: one strength or one per subject.
+        mask_level: override of the attention level the masks are read at.
+    """
+
+    def __init__(self, pipe, run: AsynRun, subjects: Sequence | None, k,
+                 mask_level: int | None = None) -> None:
+        unet = getattr(pipe, "unet", None)
+        if not isinstance(unet, nn.Module):
+            raise ValueError(f"asyndm.enable needs a pipeline with a UNet; "
+                             f"{type(pipe).__name__} has none (SD3: AsynDMSD3Pipeline)")
+        controlnet = getattr(pipe, "controlnet", None)
+        if controlnet is not None and not hasattr(controlnet, "time_embedding"):
+            raise ValueError(f"{type(controlnet).__name__} is not supported by asyndm.enable "
+                             "(one ControlNetModel is)")
+        self.pipe, self.run, self.unet, self.controlnet = pipe, run, unet, controlnet
+        self.specs, self.k, self.mask_level = subjects, k, mask_level
+        self.capture: AttentionCapture | None = None
+        self._undo: list[Callable[[], None]] = []
+        self._capturing = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def install(self) -> "AsynDMHooks":
+        pipe, run = self.pipe, self.run
+        original = pipe.scheduler
+        sched = per_pixel_scheduler(original)
+        sched.asyndm_run = run
+        pipe.scheduler = sched
+        self._undo.append(lambda: setattr(pipe, "scheduler", original))
+        self._undo.append(lambda: setattr(sched, "asyndm_run", None))
+        self._wrap_encode_prompt()
+        for model in (self.unet, self.controlnet):
+            if model is None:
+                continue
+            if run.mode != "dm":
+                per_pixel = PerPixelTimestep(model).install()
+                self._undo.append(per_pixel.remove)
+            handle = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
+            self._undo.append(handle.remove)
+        handle = self.unet.register_forward_hook(self._post)
+        self._undo.append(handle.remove)
+        return self
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
+
+    def __enter__(self) -> "AsynDMHooks":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- subjects, from the prompt the pipeline is called with -----------------------------
+    def _wrap_encode_prompt(self) -> None:
+        pipe = self.pipe
+        original = pipe.encode_prompt
+        signature = inspect.signature(original)
+
+        def encode_prompt(*args, **kwargs):
+            out = original(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            self._resolve(bound.arguments.get("prompt"),
+                          int(bound.arguments.get("num_images_per_prompt") or 1), out[0])
+            return out
+
+        pipe.encode_prompt = encode_prompt
+        self._undo.append(lambda: delattr(pipe, "encode_prompt"))
+
+    def _resolve(self, prompt, n_per_prompt: int, embeds: torch.Tensor) -> None:
+        run, specs = self.run, self.specs
+        if not specs:
+            if run.mode != "dm":
+                raise ValueError(f"mode {run.mode!r} needs subjects (words of the prompt, "
+                                 "e.g. 'cat')")
+            run.subjects = None
+            return
+        n_prompts = embeds.shape[0] // n_per_prompt
+        if prompt is None:  # prompt_embeds given: subjects must be token positions
+            resolved = [_positions_only(s, self.k) for s in _per_prompt(specs, n_prompts)]
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            resolved = [resolve_subjects(self.pipe.tokenizer, p, s, self.k)
+                        for p, s in zip(prompts, _per_prompt(specs, len(prompts)))]
+        run.subjects = batch_subjects([s for s in resolved for _ in range(n_per_prompt)],
+                                      embeds.device)
+
+    # -- model hooks -----------------------------------------------------------------------
+    def _cond_rows(self, rows: int, bsz: int) -> slice:
+        """The conditional rows of a model batch: ``[uncond; cond; ...]`` with guidance."""
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", rows >= 2 * bsz))
+        return slice(bsz, 2 * bsz) if cfg and rows >= 2 * bsz else slice(0, bsz)
+
+    def _pre(self, module, args, kwargs):
+        run = self.run
+        if run.subjects is None:
+            return None  # dm without subjects: nothing lags, nothing to capture
+        sample = args[0] if args else kwargs["sample"]
+        in_args = len(args) > 1
+        t = args[1] if in_args else kwargs["timestep"]
+        bsz, rows = run.subjects.batch_size, sample.shape[0]
+        if rows % bsz:
+            raise ValueError(f"the model got {rows} rows for {bsz} samples")
+        st = self.pipe.scheduler.asyndm_pixels(tuple(sample.shape[-2:]), sample.device, t, bsz)
+        if module is self.unet and run.capture:
+            if self.capture is None:
+                self.capture = AttentionCapture(self.unet, tuple(sample.shape[-2:]),
+                                                self.mask_level).install()
+            self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz))
+            self._capturing = True
+        if not st.lagging:
+            return None
+        if st.uniform is not None:  # one timestep for every pixel: the model's own path
+            t_map = torch.tensor(st.uniform, device=sample.device)
+        else:
+            t_map = st.timestep_map().repeat(rows // bsz, 1, 1)  # (m B, h, w)
+        if in_args:
+            return (args[0], t_map, *args[2:]), kwargs
+        return args, {**kwargs, "timestep": t_map}
+
+    def _post(self, module, args, output):
+        if self._capturing:
+            self._capturing = False
+            token_attn = self.capture.stop()  # (B, P, hm, wm)
+            self.run.attention = self.run.subjects.subject_attention(token_attn)
+        return output
+
+
+class AsynDMSession:
+    """What :func:`enable` yields: the run's results after each pipeline call."""
+
+    def __init__(self, run: AsynRun) -> None:
+        self.run = run
+
+    @property
+    def timestep_maps(self) -> torch.Tensor | None:
+        """``(N, B, h, w)`` int64: the map the model was evaluated at, per step."""
+        return self.run.timestep_maps()
+
+    @property
+    def label_maps(self) -> torch.Tensor | None:
+        """``(N, B, h, w)`` int64 regions of every step (``-1`` background)."""
+        return self.run.label_maps()
+
+    @property
+    def masks(self) -> torch.Tensor | None:
+        """``(B, h, w)`` regions of the last transition (``-1`` background)."""
+        return self.run.masks
+
+    @property
+    def records(self) -> list[StepRecord]:
+        return self.run.records
+
+
+@contextmanager
+def enable(
+    pipe,
+    subjects: Sequence[SubjectSpec] | Sequence[Sequence[SubjectSpec]] | None = None,
+    k: float | Sequence[float] = 0.5,
+    mode: str = "asyndm",
+    curve: str = "quadratic",
+    mask_mode: str = "dynamic",
+    mask_threshold: float = 1.0,
+    mask_level: int | None = None,
+    callback: Callable[[StepRecord], None] | None = None,
+) -> Iterator[AsynDMSession]:
+    """Sample with AsynDM inside ``pipe``'s own ``__call__`` while the block runs.
+
+    ``with asyndm.enable(pipe, subjects=["cat"], k=0.5) as run: image = pipe(prompt).images[0]``;
+    afterwards ``run.timestep_maps`` is ``(N, B, h, w)`` and ``run.masks`` ``(B, h, w)``.
+
+    Args:
+        pipe: a diffusers pipeline with a UNet and a DDIM, Euler or Euler-ancestral
+            scheduler (SD 1.x / 2.x, SDXL; text-to-image, img2img, inpainting, ControlNet,
+            PAG).
+        subjects: subject words / phrases of the prompt (``"cat"``, ``"red car"``,
+            ``"cat#2"``) or token positions; one list for all prompts or one per prompt.
+        k: curve strength, one value or one per subject.
+        mode: ``"asyndm"``, ``"dm_concave"`` or ``"dm"``.
+        curve: ``"quadratic"``, ``"piecewise"`` or ``"exponential"``.
+        mask_mode: only ``"dynamic"`` here (the previous step's attention); static masks
+            need a DM pre-run of the same seed, which :class:`asyndm.pipeline.AsynDMPipeline`
+            does.
+        mask_threshold: multiple of the spatial mean that claims a pixel.
+        mask_level: override of the attention level the masks are read at.
+        callback: called with a :class:`~asyndm.sampler.StepRecord` after every step.
+    """
+    check_options(mode, curve, mask_mode, mask_threshold)
+    if mask_mode == "static":
+        raise ValueError("mask_mode='static' needs a DM pre-run of the same seed: use "
+                         "AsynDMPipeline / AsynDMXLPipeline (mask_mode='static') instead")
+    run = AsynRun(mode=mode, curve=curve, mask_threshold=float(mask_threshold),
+                  capture=mode == "asyndm", callback=callback)
+    with AsynDMHooks(pipe, run, subjects, k, mask_level):
+        yield AsynDMSession(run)
