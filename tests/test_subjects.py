@@ -46,8 +46,17 @@ def test_truncated_subject_is_a_clear_error(tokenizer):
 def test_raw_token_indices(tokenizer):
     assert resolve_subject(tokenizer, "a cat", 2, 0.5).positions == (2,)
     assert resolve_subject(tokenizer, "a cat", [1, 2], 0.5).positions == (1, 2)
-    with pytest.raises(ValueError, match="outside 1..76"):
-        resolve_subject(tokenizer, "a cat", 80, 0.5)
+    # 0 is the start token, 3 the end token of "a cat", 4.. padding: none is a subject
+    for bad in (0, 3, 4, 76, 80, [2, 5]):
+        with pytest.raises(ValueError, match=r"outside the prompt's tokens 1\.\.2"):
+            resolve_subject(tokenizer, "a cat", bad, 0.5)
+
+
+def test_occurrences_count_from_one(tokenizer):
+    prompt = "a cat and a cat on a table"
+    assert resolve_subject(tokenizer, prompt, "cat#1", 0.5).positions == (2,)
+    with pytest.raises(ValueError, match="occurrences count from 1"):
+        resolve_subject(tokenizer, prompt, "cat#0", 0.5)
 
 
 def test_k_count_must_match(tokenizer):
