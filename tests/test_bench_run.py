@@ -124,7 +124,7 @@ def test_run_then_rerun_does_nothing(env, pipe, tmp_path):
     (image,) = [r[3] for r in rows if r[0].startswith("a-cat") and r[1:3] == (1, "dm")]
     with Image.open(tmp_path / image) as im:
         stored = np.asarray(im, dtype=np.int16)
-    direct = pipe(PROMPTS[0]["prompt"], mode="dm", num_inference_steps=2,
+    direct = pipe(PROMPTS[0]["prompt"], mode="dm", num_inference_steps=2, eta=cfg.eta,
                   generator=[torch.Generator().manual_seed(1)]).images[0]
     assert np.abs(np.asarray(direct, dtype=np.int16) - stored).max() <= 1
 
@@ -292,3 +292,25 @@ def test_categories_select_prompts_and_unknown_ones_are_named(env, pipe, tmp_pat
                   progress=False)
     with pytest.raises(ValueError, match="at least one category"):
         _config(env, tmp_path, categories=())
+
+
+def test_a_second_process_on_the_same_shard_is_refused(env, pipe, tmp_path):
+    from asyndm.bench.store import shard_lock
+
+    cfg = _config(env, tmp_path, seeds=1, limit=1)
+    with shard_lock(tmp_path, 0, 1):  # as if another bench held the folder
+        with pytest.raises(ValueError, match=r"shard 1/1 is being run by pid \d+"):
+            run_bench(cfg, pipe=pipe, progress=False)
+        # other shards of the same folder (accelerate launch) still run
+        run_bench(_config(env, tmp_path, seeds=1, limit=1, shard=(1, 2)), pipe=pipe,
+                  progress=False)
+    assert _rows(tmp_path) == []  # shard 1 of 2 holds no unit of one prompt and seed
+    done = run_bench(cfg, pipe=pipe, progress=False)
+    assert done.generated == len(VARIANTS)
+
+
+def test_batch_size_is_pinned_by_the_first_run(env, pipe, tmp_path):
+    run_bench(_config(env, tmp_path, seeds=1, limit=1), pipe=pipe, progress=False)
+    with pytest.raises(StoreMismatch, match="batch_size = 2, not 3"):
+        run_bench(_config(env, tmp_path, seeds=1, limit=1, batch_size=3), pipe=pipe,
+                  progress=False)

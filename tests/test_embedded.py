@@ -20,12 +20,13 @@ def test_embedded_model_is_shipped_small_and_safetensors_only():
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
     assert weights and all(p.suffix == ".safetensors" for p in weights)
     index = json.loads((EMBEDDED_MODEL_DIR / "model_index.json").read_text())
-    assert index["vae"] == [None, None]
+    # pixel space: the VAE is a parameter-free pixel shuffle (asyndm.pixel_vae)
+    assert index["vae"] == ["asyndm", "PixelShuffleVAE"]
 
 
 def test_embedded_model_generates_through_the_pipeline():
     pipe = load_pipeline(None, progress=False)
-    assert pipe.vae is None and pipe.scheduler.config.clip_sample
+    assert type(pipe.vae).__name__ == "PixelShuffleVAE" and pipe.scheduler.config.clip_sample
     out = pipe("a red circle to the left of a blue square", subjects=["red circle", "blue square"],
                k=0.3, mode="asyndm", num_inference_steps=3, guidance_scale=4.0,
                generator=torch.Generator().manual_seed(0), output_type="np")

@@ -87,8 +87,8 @@ def test_user_errors_are_clear(pipe):
         _run(pipe, mode="asyndm", subjects=["cat"], k=0.999, num_inference_steps=50)
     with pytest.raises(ValueError, match="mode must be one of"):
         _run(pipe, mode="async")
-    with pytest.raises(ValueError, match="multiples of"):
-        _run(pipe, mode="dm", height=33)
+    with pytest.raises(ValueError, match="mask_threshold must be"):
+        _run(pipe, subjects=["cat"], mask_threshold=float("nan"))
 
 
 def test_from_pipe_and_scheduler_check(sd_components):
@@ -96,8 +96,9 @@ def test_from_pipe_and_scheduler_check(sd_components):
     pipe = _quiet(AsynDMPipeline.from_pipe(base))
     assert isinstance(pipe, AsynDMPipeline)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    _run(pipe, mode="dm")  # plain sampling: any scheduler the parent takes
     with pytest.raises(ValueError, match="DDIMScheduler.from_config"):
-        _run(pipe, mode="dm")
+        _run(pipe, subjects=["cat"])
 
 
 def test_save_and_load_round_trip(pipe, tmp_path):
@@ -118,7 +119,7 @@ def test_pixel_space_model_without_vae(sd_components, tokenizer):
     ).eval()
     pipe = _quiet(AsynDMPipeline(vae=None, text_encoder=sd_components["text_encoder"],
                                  tokenizer=tokenizer, unet=unet, scheduler=ddim("v_prediction")))
-    assert pipe.vae_scale_factor == 2
+    assert pipe.vae_scale_factor == 2 and type(pipe.vae).__name__ == "PixelShuffleVAE"
     out = _run(pipe, mode="asyndm", subjects=["cat"], return_timestep_maps=True)
     assert out.images.shape == (1, 16, 16, 3)
     assert out.timestep_maps.shape[-2:] == (8, 8)

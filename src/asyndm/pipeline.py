@@ -1,196 +1,152 @@
-"""diffusers pipeline subclasses that sample with DM, DM_concave or AsynDM.
+"""``AsynDMPipeline`` / ``AsynDMXLPipeline``: thin subclasses that call the parent's ``__call__``.
 
-``AsynDMPipeline`` extends ``StableDiffusionPipeline`` (SD 1.x / 2.x, and the embedded
-pixel-space model, which has no VAE) and ``AsynDMXLPipeline`` extends
-``StableDiffusionXLPipeline``. Both are built the diffusers way (``from_pretrained``,
-``from_pipe``) and add the AsynDM arguments to ``__call__``; prompt encoding, latents,
-decoding and post-processing are the parent pipeline's own methods.
+Each call resolves the AsynDM arguments, switches AsynDM on for this pipeline object
+(:class:`asyndm.hooks.AsynDMHooks`: the per-pixel scheduler, the model hooks, subjects from
+the prompt) and runs diffusers' own ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+``__call__``: every argument, default and feature of the parent (prompt embeddings,
+``callback_on_step_end``, IP-Adapter, the safety checker, SDXL's VAE upcast, ...) is the
+parent's. Without subjects (or with ``mode="dm"``) a call is the parent's call.
+
+``mask_mode="static"`` runs the parent twice: a DM run of the same seed (generators are
+restored) whose step-averaged attention gives the regions, then the AsynDM run.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from diffusers.image_processor import VaeImageProcessor
+from diffusers import (AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils import BaseOutput
 from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
                           CLIPVisionModelWithProjection)
 
-from .adapters.attention import AttentionCapture
-from .adapters.unet import PerPixelTimestep
-from .call_common import (AsynDMPipelineOutput, StepRecorder, check_call, check_generators,
-                          generator_states, resolve_all, restore_generators)
-from .denoise import UNetDenoiser
-from .sampler import StepRecord, sample, static_labels_from_attention
-from .schedules import SchedulePlan
-from .step import StepConfig
-from .subjects import SubjectSpec, batch_subjects
+from .hooks import AsynDMHooks, check_options
+from .pixel_vae import PixelShuffleVAE
+from .sampler import StepRecord, static_labels_from_attention
+from .schedulers import AsynRun
+from .subjects import SubjectSpec
 
 __all__ = ["AsynDMPipeline", "AsynDMPipelineOutput", "AsynDMXLPipeline"]
 
 
-class _AsynDMMixin:
-    """The AsynDM ``__call__`` shared by the SD and SDXL subclasses."""
+@dataclass
+class AsynDMPipelineOutput(BaseOutput):
+    """The parent's images (and safety flags) plus the run's masks and timestep maps."""
 
-    def _pixel_space_factor(self) -> int:
-        """Without a VAE the latent is the image pixel-unshuffled by this factor."""
-        c = self.unet.config.in_channels
-        r = int(round(math.sqrt(c / 3)))
-        if 3 * r * r != c:
-            raise ValueError(f"a model without VAE needs 3*r^2 UNet channels, got {c}")
-        return r
+    images: list | np.ndarray | torch.Tensor
+    mode: str
+    masks: torch.Tensor | None = None
+    """``(B, h, w)`` region labels of the last transition (``-1`` background)."""
+    timestep_maps: torch.Tensor | None = None
+    """``(N, B, h, w)`` int64 timestep map of every step (``return_timestep_maps=True``)."""
+    label_maps: torch.Tensor | None = None
+    """``(N, B, h, w)`` region labels used at every step (``return_timestep_maps=True``)."""
+    nsfw_content_detected: list[bool] | None = None
+    """The parent's safety-checker flags (SD; ``None`` without a safety checker)."""
 
-    def _setup_pixel_space(self) -> None:
-        if getattr(self, "vae", None) is None:
-            self.vae_scale_factor = self._pixel_space_factor()
-            self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] ``(B, 3, H, W)``."""
-        if getattr(self, "vae", None) is None:
-            return F.pixel_shuffle(latents, self.vae_scale_factor)  # (B, 12, h, w) -> (B, 3, H, W)
-        vae = self.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+def _generator_states(generator) -> list | None:
+    gens = [] if generator is None else generator if isinstance(generator, list) else [generator]
+    return [(g, g.get_state()) for g in gens]
 
-    def _check_scheduler(self) -> None:
-        if not isinstance(self.scheduler, DDIMScheduler):
-            raise ValueError(
-                f"AsynDM samples with DDIM; this pipeline has {type(self.scheduler).__name__}. "
-                "Set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
-            )
+
+def _restore(states) -> None:
+    for g, state in states:
+        g.set_state(state)
+
+
+class _AsynDMCall:
+    """The AsynDM arguments of ``__call__``, shared by the SD and SDXL subclasses."""
 
     def _asyndm_call(
         self,
-        prompt: str | list[str],
-        *,
+        parent_call: Callable,
+        args: tuple,
+        kwargs: dict,
         subjects: Sequence[SubjectSpec] | Sequence[Sequence[SubjectSpec]] | None,
         k: float | Sequence[float],
-        mode: str,
+        mode: str | None,
         curve: str,
         mask_mode: str,
         mask_threshold: float,
         mask_level: int | None,
-        num_inference_steps: int,
-        guidance_scale: float,
-        eta: float,
-        generator,
-        height: int | None,
-        width: int | None,
-        negative_prompt,
-        num_images_per_prompt: int,
-        output_type: str,
-        return_dict: bool,
         callback: Callable[[StepRecord], None] | None,
         return_timestep_maps: bool,
-        latents: torch.Tensor | None,
-        encode_kwargs: dict,
     ):
-        # 1. validate what a user can get wrong, before any model work
-        prompts = check_call(mode, curve, mask_mode, mask_threshold, num_inference_steps, prompt)
-        self._check_scheduler()
-        factor = self.vae_scale_factor
-        default = self.unet.config.sample_size * factor
-        height, width = height or default, width or default
-        if height % factor or width % factor or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {factor}")
-        plan = SchedulePlan.from_scheduler(self.scheduler, num_inference_steps, curve)
-        bsz = len(prompts) * num_images_per_prompt
-        check_generators(generator, bsz)
-        resolved = resolve_all(self.tokenizer, prompts, subjects, k, mode, plan)
-        device = self._execution_device
-        self._guidance_scale = guidance_scale
-
-        # 2. text conditioning (the parent pipeline's own encoders)
-        embeds, added = self._encode(prompts, negative_prompt, num_images_per_prompt,
-                                     guidance_scale > 1.0, device, height, width, encode_kwargs)
-        subj = None
-        if resolved is not None:
-            subj = batch_subjects([s for s in resolved for _ in range(num_images_per_prompt)],
-                                  device)
-        latent_hw = (height // factor, width // factor)
-        states = generator_states(generator)
-
-        def init_latents():
-            return self.prepare_latents(bsz, self.unet.config.in_channels, height, width,
-                                        embeds.dtype, device, generator, latents)
-
-        def noise_fn(shape, dtype, dev):
-            return randn_tensor(shape, generator=generator, device=dev, dtype=dtype)
-
-        alphas = self.scheduler.alphas_cumprod
-        final_alpha = self.scheduler.final_alpha_cumprod
-        step_cfg = StepConfig.from_scheduler(self.scheduler, eta)
-        recorder = StepRecorder(return_timestep_maps, callback)
-
-        with ExitStack() as stack:
-            capture = None
-            if subj is not None and mode == "asyndm":
-                capture = stack.enter_context(AttentionCapture(self.unet, latent_hw, mask_level))
-            if mode != "dm":
-                stack.enter_context(PerPixelTimestep(self.unet))
-            denoise = UNetDenoiser(self.unet, embeds, guidance_scale, added, capture,
-                                   subj.positions if subj is not None else None)
-            static = None
-            # 3. static masks: a DM run of the same seed, attention averaged over its steps
-            if mode == "asyndm" and mask_mode == "static":
-                pre = sample(denoise, init_latents(), plan, alphas, final_alpha, step_cfg,
-                             mode="dm", subjects=subj, capture_attention=True,
-                             noise_fn=noise_fn, progress=self._progress)
-                static = static_labels_from_attention(pre.attention, subj, latent_hw,
-                                                      mask_threshold)
-                restore_generators(generator, states)
-            # 4. the run itself
-            result = sample(denoise, init_latents(), plan, alphas, final_alpha, step_cfg,
-                            mode=mode, subjects=subj, mask_threshold=mask_threshold,
-                            static_labels=static, noise_fn=noise_fn, callback=recorder,
-                            progress=self._progress)
-
-        # 5. decode and post-process (the parent's image processor)
-        if output_type == "latent":
-            images = result.latents
-        else:
-            decoded = self._decode(result.latents)
-            images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
-        self.maybe_free_model_hooks()
-        out = recorder.output(images, mode, result.labels)
-        return out if return_dict else (out.images,)
-
-    def _progress(self, n: int):
-        return self.progress_bar(range(n))
+        # 1. what a user can get wrong, before any model work
+        if mode is None:
+            mode = "asyndm" if subjects else "dm"
+        check_options(mode, curve, mask_mode, mask_threshold)
+        if getattr(self, "vae", None) is None and kwargs.get("output_type", "pil") != "latent":
+            raise ValueError("this pipeline has no VAE: pass output_type='latent' or set pipe.vae")
+        if mode == "dm" and callback is None and not return_timestep_maps:
+            out = parent_call(*args, **kwargs)  # nothing to observe: the parent, untouched
+            if not kwargs.get("return_dict", True):
+                return out
+            return AsynDMPipelineOutput(
+                images=out.images, mode=mode,
+                nsfw_content_detected=getattr(out, "nsfw_content_detected", None))
+        static = None
+        # 2. static masks: a DM run of the same seed, attention averaged over its steps
+        if mode == "asyndm" and mask_mode == "static":
+            states = _generator_states(kwargs.get("generator"))
+            pre = AsynRun(mode="dm", curve=curve, capture=True, keep_records=False)
+            with AsynDMHooks(self, pre, subjects, k, mask_level):
+                parent_call(*args, **{**kwargs, "output_type": "latent"})
+            _restore(states)
+            attention = pre.attention_sum / pre.plan.num_steps  # (B, S, hm, wm)
+            static = static_labels_from_attention(attention, pre.subjects,
+                                                  tuple(pre.pixels.state.shape[-2:]),
+                                                  mask_threshold)
+        # 3. the run itself, through the parent's own __call__
+        run = AsynRun(mode=mode, curve=curve, mask_threshold=float(mask_threshold),
+                      static_labels=static, capture=mode == "asyndm" and static is None,
+                      callback=callback, keep_records=return_timestep_maps)
+        with AsynDMHooks(self, run, subjects, k, mask_level):
+            out = parent_call(*args, **kwargs)
+        if not kwargs.get("return_dict", True):
+            return out
+        return AsynDMPipelineOutput(
+            images=out.images, mode=mode, masks=run.masks, timestep_maps=run.timestep_maps(),
+            label_maps=run.label_maps(),
+            nsfw_content_detected=getattr(out, "nsfw_content_detected", None))
 
 
-_CALL_DOC = """Generate images with DM, DM_concave or AsynDM.
+_CALL_DOC = """Generate images with DM, DM_concave or AsynDM, through the parent's ``__call__``.
 
-        Args:
-            prompt: one prompt or a list.
+        AsynDM arguments (keyword only; every other argument is the parent pipeline's):
             subjects: subject words / phrases of the prompt (``"cat"``, ``"red car"``,
                 ``"cat#2"`` for a second occurrence) or raw token positions; one list for all
                 prompts or one list per prompt.
             k: curve strength, one value or one per subject, in ``(0, max]`` (see
                 :meth:`asyndm.schedules.SchedulePlan.validate_k`).
-            mode: ``"dm"``, ``"dm_concave"`` or ``"asyndm"``.
+            mode: ``"dm"``, ``"dm_concave"`` or ``"asyndm"``; default ``"asyndm"`` when
+                subjects are given, else ``"dm"`` (the parent's own sampling).
             curve: ``"quadratic"``, ``"piecewise"`` or ``"exponential"``.
             mask_mode: ``"dynamic"`` (previous step's attention) or ``"static"`` (a DM run).
             mask_threshold: multiple of the spatial mean that claims a pixel.
             mask_level: override of the attention level the masks are read at.
             callback: called with an :class:`asyndm.sampler.StepRecord` after every step.
             return_timestep_maps: also return ``(N, B, h, w)`` timestep and label maps.
-            Others as in the parent diffusers pipeline.
+
+        The scheduler may be DDIM (the paper's sampler; ``eta=1.0`` is the paper's setting,
+        ``0.0`` the parent's default), Euler or Euler-ancestral.
         """
 
 
-class AsynDMPipeline(_AsynDMMixin, StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` with asynchronous denoising; a VAE is optional."""
+class AsynDMPipeline(_AsynDMCall, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` with asynchronous denoising.
 
-    _optional_components = [*StableDiffusionPipeline._optional_components, "vae"]
+    ``vae=None`` with a pixel-space UNet (``3 r^2`` channels, as the embedded model) uses a
+    :class:`~asyndm.pixel_vae.PixelShuffleVAE` of factor ``r``.
+    """
 
     def __init__(
         self,
@@ -205,85 +161,45 @@ class AsynDMPipeline(_AsynDMMixin, StableDiffusionPipeline):
         requires_safety_checker: bool = False,
     ):
         # annotations as in the parent: diffusers matches components by them (from_pipe)
+        if vae is None and unet is not None:
+            c = unet.config.in_channels
+            r = int(round(math.sqrt(c / 3)))
+            if 3 * r * r == c and r > 1:
+                vae = PixelShuffleVAE(r)
         # The parent turns a scheduler's clip_sample off (a fix for old SD checkpoints); a
-        # pixel-space model (no VAE) is trained for x0 clipping to [-1, 1], so keep it there.
-        keep_clip = vae is None and bool(getattr(scheduler.config, "clip_sample", False))
-        if keep_clip:
-            scheduler.register_to_config(clip_sample=False)
+        # pixel-space model is trained for x0 clipping to [-1, 1], so keep it there.
+        keep_clip = (isinstance(vae, PixelShuffleVAE) and scheduler is not None
+                     and bool(getattr(scheduler.config, "clip_sample", False)))
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker,
                          feature_extractor, image_encoder, requires_safety_checker)
         if keep_clip:
             self.scheduler.register_to_config(clip_sample=True)
-        self._setup_pixel_space()
-
-    def _encode(self, prompts, negative_prompt, n_per_prompt, do_cfg, device, height, width,
-                encode_kwargs):
-        pos, neg = self.encode_prompt(prompts, device, n_per_prompt, do_cfg, negative_prompt,
-                                      clip_skip=encode_kwargs.get("clip_skip"))
-        return (torch.cat([neg, pos]) if do_cfg else pos), None
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], subjects=None, k: float | Sequence[float] = 0.5,
-                 mode: str = "asyndm", curve: str = "quadratic", mask_mode: str = "dynamic",
-                 mask_threshold: float = 1.0, mask_level: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 1.0,
-                 generator=None, height: int | None = None, width: int | None = None,
-                 negative_prompt=None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 return_dict: bool = True, callback=None, return_timestep_maps: bool = False,
-                 latents: torch.Tensor | None = None, clip_skip: int | None = None):
-        return self._asyndm_call(
-            prompt, subjects=subjects, k=k, mode=mode, curve=curve, mask_mode=mask_mode,
-            mask_threshold=mask_threshold, mask_level=mask_level,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-            generator=generator, height=height, width=width, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-            return_dict=return_dict, callback=callback,
-            return_timestep_maps=return_timestep_maps, latents=latents,
-            encode_kwargs={"clip_skip": clip_skip},
-        )
+    def __call__(self, *args, subjects=None, k: float | Sequence[float] = 0.5,
+                 mode: str | None = None, curve: str = "quadratic", mask_mode: str = "dynamic",
+                 mask_threshold: float = 1.0, mask_level: int | None = None, callback=None,
+                 return_timestep_maps: bool = False, eta: float = 0.0, **kwargs):
+        kwargs["eta"] = eta  # named here so callers can see the DDIM pipelines take it
+        return self._asyndm_call(super().__call__, args, kwargs, subjects, k, mode, curve,
+                                 mask_mode, mask_threshold, mask_level, callback,
+                                 return_timestep_maps)
 
     __call__.__doc__ = _CALL_DOC
 
 
-class AsynDMXLPipeline(_AsynDMMixin, StableDiffusionXLPipeline):
-    """``StableDiffusionXLPipeline`` with asynchronous denoising."""
-
-    def _encode(self, prompts, negative_prompt, n_per_prompt, do_cfg, device, height, width,
-                encode_kwargs):
-        pos, neg, pooled, neg_pooled = self.encode_prompt(
-            prompts, device=device, num_images_per_prompt=n_per_prompt,
-            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt)
-        if self.text_encoder_2 is None:
-            proj_dim = int(pooled.shape[-1])
-        else:
-            proj_dim = self.text_encoder_2.config.projection_dim
-        time_ids = self._get_add_time_ids((height, width), (0, 0), (height, width),
-                                          dtype=pos.dtype, text_encoder_projection_dim=proj_dim)
-        bsz = pos.shape[0]
-        time_ids = time_ids.to(device).repeat(bsz, 1)  # (B, 6)
-        if do_cfg:
-            return (torch.cat([neg, pos]),
-                    {"text_embeds": torch.cat([neg_pooled, pooled]).to(device),
-                     "time_ids": torch.cat([time_ids, time_ids])})
-        return pos, {"text_embeds": pooled.to(device), "time_ids": time_ids}
+class AsynDMXLPipeline(_AsynDMCall, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` with asynchronous denoising (any of its schedulers that
+    AsynDM has a per-pixel version of; Euler, its default, included)."""
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], subjects=None, k: float | Sequence[float] = 0.5,
-                 mode: str = "asyndm", curve: str = "quadratic", mask_mode: str = "dynamic",
-                 mask_threshold: float = 1.0, mask_level: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 5.0, eta: float = 1.0,
-                 generator=None, height: int | None = None, width: int | None = None,
-                 negative_prompt=None, num_images_per_prompt: int = 1, output_type: str = "pil",
-                 return_dict: bool = True, callback=None, return_timestep_maps: bool = False,
-                 latents: torch.Tensor | None = None):
-        return self._asyndm_call(
-            prompt, subjects=subjects, k=k, mode=mode, curve=curve, mask_mode=mask_mode,
-            mask_threshold=mask_threshold, mask_level=mask_level,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-            generator=generator, height=height, width=width, negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-            return_dict=return_dict, callback=callback,
-            return_timestep_maps=return_timestep_maps, latents=latents, encode_kwargs={},
-        )
+    def __call__(self, *args, subjects=None, k: float | Sequence[float] = 0.5,
+                 mode: str | None = None, curve: str = "quadratic", mask_mode: str = "dynamic",
+                 mask_threshold: float = 1.0, mask_level: int | None = None, callback=None,
+                 return_timestep_maps: bool = False, eta: float = 0.0, **kwargs):
+        kwargs["eta"] = eta  # named here so callers can see the DDIM pipelines take it
+        return self._asyndm_call(super().__call__, args, kwargs, subjects, k, mode, curve,
+                                 mask_mode, mask_threshold, mask_level, callback,
+                                 return_timestep_maps)
 
     __call__.__doc__ = _CALL_DOC

@@ -18,7 +18,7 @@ run attached:
   noises every pixel to its own level.
 
 All the state of a run lives in one :class:`AsynRun`; the model hooks of
-:mod:`asyndm.enable` read the timestep map from it and hand it this step's attention.
+:mod:`asyndm.hooks` read the timestep map from it and hand it this step's attention.
 """
 
 from __future__ import annotations

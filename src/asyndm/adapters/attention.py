@@ -88,10 +88,11 @@ class CaptureProcessor:
         self.store = store
         self._keys: tuple | None = None  # (text tensor, its version, rows, (B, H, d, L) keys)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                         *args, **kwargs)
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        # passed on exactly as received: processors differ in what they accept (the sliced
+        # processor takes no ``temb``)
+        out = self.inner(attn, hidden_states, *args, **kwargs)
+        encoder_hidden_states = args[0] if args else kwargs.get("encoder_hidden_states")
         st = self.store
         if st.positions is not None and encoder_hidden_states is not None:
             st.add(self._subject_probs(attn, hidden_states, encoder_hidden_states))

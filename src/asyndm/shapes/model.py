@@ -63,8 +63,8 @@ PATCH = 2
 LATENT_CHANNELS = 3 * PATCH * PATCH
 LATENT_SIZE = IMAGE_SIZE // PATCH
 
-_SAVED_PARTS = ("scheduler", "text_encoder", "tokenizer", "unet")
-_ABSENT_PARTS = ("feature_extractor", "image_encoder", "safety_checker", "vae")
+_SAVED_PARTS = ("scheduler", "text_encoder", "tokenizer", "unet", "vae")
+_ABSENT_PARTS = ("feature_extractor", "image_encoder", "safety_checker")
 _SAVE_KWARGS = {"text_encoder": {"safe_serialization": True}, "unet": {"safe_serialization": True}}
 
 
@@ -259,14 +259,15 @@ def save_model_folder(
 ) -> Path:
     """Write ``components`` as a standard diffusers ``StableDiffusionPipeline`` folder.
 
-    The folder holds ``model_index.json`` (with ``vae``, ``safety_checker``,
-    ``feature_extractor`` and ``image_encoder`` set to ``[null, null]`` and
-    ``requires_safety_checker: false``), and ``unet/``, ``text_encoder/`` (safetensors),
+    The folder holds ``model_index.json`` (with ``safety_checker``, ``feature_extractor``
+    and ``image_encoder`` set to ``[null, null]`` and ``requires_safety_checker: false``),
+    ``vae/`` (a :class:`~asyndm.pixel_vae.PixelShuffleVAE` unless one is given), and
+    ``unet/``, ``text_encoder/`` (safetensors),
     ``tokenizer/`` (also with the classic ``vocab.json``/``merges.txt``) and ``scheduler/``.
     ``card``, if given, is written to ``README.md``. Weights are saved in their current dtype.
 
     Load it part by part (``UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet")``)
-    or whole with ``StableDiffusionPipeline.from_pretrained(out_dir, vae=None)``; that
+    or whole with ``DiffusionPipeline.from_pretrained(out_dir)``; that
     pipeline's constructor switches its scheduler copy to ``clip_sample=False`` (with a
     warning), so load ``DDIMScheduler.from_pretrained(out_dir, subfolder="scheduler")`` to
     keep the clipping that suits pixel-space samples.
@@ -283,10 +284,22 @@ def save_model_folder(
     }
     for name in _ABSENT_PARTS:
         index[name] = [None, None]
+    components = dict(components)
+    if components.get("vae") is None:  # pixel space: the unshuffle factor of the UNet input
+        from ..pixel_vae import PixelShuffleVAE
+
+        factor = round((components["unet"].config.in_channels / 3) ** 0.5)
+        components["vae"] = PixelShuffleVAE(factor)
     for name in _SAVED_PARTS:
         part = components[name]
         part.save_pretrained(str(out_dir / name), **_SAVE_KWARGS.get(name, {}))
         index[name] = [type(part).__module__.split(".")[0], type(part).__name__]
+    # weights may be stored in half precision to halve the folder; computed in float32 as
+    # the UNet is (transformers would otherwise load the text encoder in the stored dtype)
+    te_config = out_dir / "text_encoder" / "config.json"
+    te = json.loads(te_config.read_text("utf-8"))
+    te["dtype"] = "float32"
+    te_config.write_text(json.dumps(te, indent=2) + "\n", "utf-8")
     index = dict(sorted(index.items()))
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", "utf-8")
     write_vocab_files(components["tokenizer"], out_dir / "tokenizer")

@@ -328,8 +328,8 @@ def _model_card(cfg: TrainConfig, vocab_size: int, summary: dict) -> str:
         f"- final loss (v-prediction MSE): {summary['final_loss']}\n"
         f"- config: `{json.dumps(asdict(cfg))}`\n\n"
         "## Loading\n\n"
-        "```python\nfrom diffusers import StableDiffusionPipeline\n"
-        "pipe = StableDiffusionPipeline.from_pretrained(path, vae=None)\n```\n"
+        "```python\nfrom asyndm.pipeline import AsynDMPipeline\n"
+        "pipe = AsynDMPipeline.from_pretrained(path, use_safetensors=True)\n```\n"
     )
 
 
