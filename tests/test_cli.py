@@ -76,3 +76,84 @@ def test_every_subcommand_has_help_with_an_example():
         for action in p._actions:
             if action.dest != "help":
                 assert action.help, f"{name} {action.dest}"
+
+
+def _gen(model_dir, out, *extra) -> list[str]:
+    return ["generate", "--model", str(model_dir), "--prompt", "a cat eating a sandwich",
+            "--subjects", "cat", "--steps", "2", "--out", str(out), *extra]
+
+
+def test_negative_prompt_works_in_every_mode(model_dir, tmp_path):
+    out = tmp_path / "neg"
+    modes = ["--mode", "dm", "--mode", "dm_concave", "--mode", "asyndm"]
+    assert main(_gen(model_dir, out, *modes, "--negative-prompt", "a dog")) == 0
+    assert main(_gen(model_dir, tmp_path / "empty", "--mode", "dm",
+                     "--negative-prompt", "")) == 0
+    with_neg = np.asarray(Image.open(out / "dm_seed0.png"))
+    plain = tmp_path / "plain"
+    assert main(_gen(model_dir, plain, "--mode", "dm")) == 0
+    assert not np.array_equal(with_neg, np.asarray(Image.open(plain / "dm_seed0.png")))
+    assert json.loads((out / "config.json").read_text())["negative_prompt"] == "a dog"
+
+
+def test_overwrite_replaces_an_earlier_run_instead_of_mixing(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_gen(model_dir, out, "--mode", "dm", "--mode", "asyndm",
+                     "--num-images", "2")) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(_gen(model_dir, out, "--mode", "dm", "--seed", "5")) == 2
+    assert "already holds 6 file(s)" in capsys.readouterr().err
+    assert main(_gen(model_dir, out, "--mode", "dm", "--seed", "5", "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "dm_seed5.png", "notes.txt"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["seed"] == 5 and (cfg["height"], cfg["width"]) == (32, 32)
+
+
+def test_threads_apply_to_the_command_and_are_restored(model_dir, tmp_path, monkeypatch):
+    from asyndm.cli_base import default_threads
+
+    before = torch.get_num_threads()
+    assert main(_gen(model_dir, tmp_path / "t2", "--mode", "dm", "--threads", "2")) == 0
+    assert json.loads((tmp_path / "t2" / "config.json").read_text())["threads"] == 2
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert default_threads() == 1  # half of a 2-core machine
+
+
+def test_cli_choices_are_the_library_registries():
+    from asyndm import cli_base
+    from asyndm.sampler import MASK_MODES, MODES
+    from asyndm.schedules import CURVES
+
+    assert cli_base.MODES == MODES and cli_base.MASK_MODES == MASK_MODES
+    assert cli_base.CURVE_NAMES == tuple(sorted(CURVES))
+
+
+def test_help_shows_each_default_once():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "generate" in a.choices)
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "(default: None)" not in text, name
+        for action in p._actions:
+            shown = p._get_formatter()._expand_help(action) if action.help else ""
+            assert shown.count("default") <= 1, f"{name} {action.dest}: {shown}"
+
+
+def test_help_and_argument_errors_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom asyndm.cli import main\n"
+            "for argv in (['--help'], ['generate', '--help'], ['bench', '--help'],\n"
+            "             ['generate', '--steps', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "assert 'diffusers' not in sys.modules, 'diffusers imported'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage: asyndm generate" in res.stdout

@@ -377,7 +377,7 @@ def run_bench(config: BenchConfig, *, pipe=None, progress: bool = True) -> Bench
     metrics = build_metrics(metric_names, opts)
     _preflight(pipe, suite, entries, config, metrics, progress)
 
-    with shard_lock(out, index, count), Store(out) as store:
+    with Store(out) as store, shard_lock(out, index, count):
         store.ensure_meta("generation", {"model": _model_key(config.model), "steps": config.steps,
                                          "guidance": config.guidance, "eta": config.eta,
                                          "dtype": config.dtype})
