@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
+                       SD3Transformer2DModel, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from asyndm.shapes.tokenizer import write_clip_tokenizer
@@ -67,6 +68,30 @@ def ddim(prediction_type: str = "epsilon", **kw) -> DDIMScheduler:
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
         prediction_type=prediction_type, **kw,
     )
+
+
+def tiny_transformer(sd35: bool = False, seed: int = 0) -> SD3Transformer2DModel:
+    """SD3-style MMDiT; ``sd35`` adds SD3.5's dual attention (AdaLayerNormZeroX) and qk-norm."""
+    torch.manual_seed(seed)
+    extra = dict(dual_attention_layers=(0, 1), qk_norm="rms_norm") if sd35 else {}
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16, **extra,
+    ).eval()
+
+
+def tiny_sd3_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=32, scaling_factor=1.5, shift_factor=0.1,
+    ).eval()
+
+
+def flow_scheduler(**kw) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,7 @@ class FlowPlan(SchedulePlan):
 
     sigmas: tuple[float, ...] = ()
     model_timesteps: tuple[float, ...] = ()
+    integer_states = False  # states are read through `lookup`, not rounded
 
     def __post_init__(self) -> None:
         if self.curve not in CURVES:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .adapters.attention import AttentionCapture
+from .adapters.sd3 import JointAttentionCapture, PerTokenTimestep
 from .adapters.unet import PerPixelTimestep
 from .sampler import StepRecord
 from .schedulers import AsynRun, per_pixel_scheduler
@@ -86,11 +87,17 @@ class AsynDMHooks:
     """
 
     def __init__(self, pipe, run: AsynRun, subjects: Sequence | None, k,
-                 mask_level: int | None = None) -> None:
+                 mask_level: int | Sequence[int] | None = None) -> None:
         unet = getattr(pipe, "unet", None)
+        if unet is None:  # SD3 / SD3.5: the MMDiT is the denoiser
+            unet = getattr(pipe, "transformer", None)
+            if type(unet).__name__ != "SD3Transformer2DModel":
+                raise ValueError(
+                    f"asyndm.enable needs a pipeline with a UNet or an SD3 transformer; "
+                    f"{type(pipe).__name__} has {type(unet).__name__}")
         if not isinstance(unet, nn.Module):
-            raise ValueError(f"asyndm.enable needs a pipeline with a UNet; "
-                             f"{type(pipe).__name__} has none (SD3: AsynDMSD3Pipeline)")
+            raise ValueError(f"{type(pipe).__name__} has no denoising model loaded")
+        self.mmdit = not hasattr(unet, "time_embedding")
         controlnet = getattr(pipe, "controlnet", None)
         if controlnet is not None and not hasattr(controlnet, "time_embedding"):
             raise ValueError(f"{type(controlnet).__name__} is not supported by asyndm.enable "
@@ -111,11 +118,14 @@ class AsynDMHooks:
         self._undo.append(lambda: setattr(pipe, "scheduler", original))
         self._undo.append(lambda: setattr(sched, "asyndm_run", None))
         self._wrap_encode_prompt()
+        if self.mmdit:
+            run.patch_size = int(self.unet.config.patch_size)
         for model in (self.unet, self.controlnet):
             if model is None:
                 continue
             if run.mode != "dm":
-                per_pixel = PerPixelTimestep(model).install()
+                adapter = PerTokenTimestep if self.mmdit else PerPixelTimestep
+                per_pixel = adapter(model).install()
                 self._undo.append(per_pixel.remove)
             handle = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
             self._undo.append(handle.remove)
@@ -180,21 +190,27 @@ class AsynDMHooks:
         run = self.run
         if run.subjects is None:
             return None  # dm without subjects: nothing lags, nothing to capture
-        sample = args[0] if args else kwargs["sample"]
+        key = "hidden_states" if self.mmdit else "sample"
+        sample = args[0] if args else kwargs[key]
         in_args = len(args) > 1
         t = args[1] if in_args else kwargs["timestep"]
         bsz, rows = run.subjects.batch_size, sample.shape[0]
         if rows % bsz:
             raise ValueError(f"the model got {rows} rows for {bsz} samples")
-        st = self.pipe.scheduler.asyndm_pixels(tuple(sample.shape[-2:]), sample.device, t, bsz)
+        sched = self.pipe.scheduler
+        st = sched.asyndm_pixels(sample, t, bsz)
         if module is self.unet and run.capture:
             if self.capture is None:
-                self.capture = AttentionCapture(self.unet, tuple(sample.shape[-2:]),
-                                                self.mask_level).install()
+                grid = tuple(run.pixels.state.shape[-2:])
+                self.capture = (JointAttentionCapture(self.unet, grid, self.mask_level)
+                                if self.mmdit else
+                                AttentionCapture(self.unet, grid, self.mask_level)).install()
             self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz))
             self._capturing = True
         if not st.lagging:
             return None
+        if self.mmdit:
+            return args, self._token_timesteps(kwargs, st, t, rows // bsz)
         if st.uniform is not None:  # one timestep for every pixel: the model's own path
             t_map = torch.tensor(st.uniform, device=sample.device)
         else:
@@ -202,6 +218,15 @@ class AsynDMHooks:
         if in_args:
             return (args[0], t_map, *args[2:]), kwargs
         return args, {**kwargs, "timestep": t_map}
+
+    def _token_timesteps(self, kwargs: dict, st, t: torch.Tensor, rep: int) -> dict:
+        """SD3's timestep keywords: a token map, the text tokens on the background's."""
+        t_map = self.pipe.scheduler.asyndm_model_timesteps(st)  # (B, h, w)
+        if st.uniform is not None and self.run.mode == "dm_concave":
+            # every token, text included, on one timestep: the model's own path
+            return {**kwargs, "timestep": t_map.flatten()[:1].expand(t.shape[0])}  # (m B,)
+        return {**kwargs, "timestep": t_map.repeat(rep, 1, 1),  # (m B, h, w)
+                "text_timestep": t}
 
     def _post(self, module, args, output):
         if self._capturing:

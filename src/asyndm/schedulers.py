@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
 from .sampler import StepRecord
@@ -52,6 +53,7 @@ class AsynRun:
         capture: whether the model hooks capture subject attention at every call.
         callback: called with a :class:`~asyndm.sampler.StepRecord` after every step.
         keep_records: keep every step's record (for timestep maps and masks).
+        patch_size: latent pixels per state in each direction (SD3: 2, a token's patch).
         plan, pixels: the run's plan and the state of the current step (``None`` until
             the first step, reset by ``set_timesteps``).
         entered: the samples were noised onto the ladder before the first step (img2img).
@@ -68,6 +70,7 @@ class AsynRun:
     capture: bool = False
     callback: Callable[[StepRecord], None] | None = None
     keep_records: bool = True
+    patch_size: int = 1
     plan: SchedulePlan | None = None
     pixels: PixelState | None = None
     entered: bool = False
@@ -114,34 +117,49 @@ class _PerPixelScheduler:
             self.asyndm_run.reset()
         return out
 
-    def asyndm_pixels(self, hw: tuple[int, int], device: torch.device, timestep,
-                      bsz: int) -> PixelState:
-        """The current step's state; the first call of a run makes the plan and state 0."""
+    def asyndm_pixels(self, sample: torch.Tensor, timestep, bsz: int) -> PixelState:
+        """The current step's state; the first call of a run makes the plan and state 0.
+
+        Args:
+            sample: the model input or the sample, ``(M, C, H, W)``; only its grid and
+                device are read.
+            timestep: the pipeline's timestep of this step (places the run on the ladder).
+            bsz: the number of samples ``B``.
+        """
         run = self.asyndm_run
         if run.pixels is None:
             ladder = [float(t) for t in self.timesteps.tolist()]
-            if any(t != round(t) for t in ladder):
-                raise ValueError(
-                    f"AsynDM needs integer timesteps; this {type(self).__name__} has "
-                    f"{ladder[:3]}...: use timestep_spacing='leading' or 'trailing' and no "
-                    "Karras / exponential / beta sigmas")
             t0 = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
             if t0 not in ladder:
                 raise ValueError(f"timestep {t0:g} is not on this scheduler's ladder")
-            start = ladder.index(t0)
-            cfg = self.config
-            run.plan = SchedulePlan(run.curve, tuple(int(t) for t in ladder[start:]),
-                                    int(cfg.num_train_timesteps),
-                                    int(getattr(cfg, "steps_offset", 0)))
+            run.plan = self._new_plan(run.curve, ladder.index(t0))
             if run.subjects is not None and run.mode != "dm":
                 for kv in sorted({float(v) for v in run.subjects.k[run.subjects.k > 0].tolist()}):
                     run.plan.validate_k(kv)
             if run.subjects is not None and run.subjects.batch_size != bsz:
                 raise ValueError(f"subjects were resolved for {run.subjects.batch_size} "
                                  f"samples, the pipeline samples {bsz}")
-            run.pixels = begin(run.plan, run.mode, run.subjects, (bsz, *hw), device,
-                               run.static_labels, run.entered)
+            p = run.patch_size
+            grid = (bsz, sample.shape[-2] // p, sample.shape[-1] // p)
+            run.pixels = begin(run.plan, run.mode, run.subjects, grid, sample.device,
+                               run.static_labels, run.entered or not run.plan.integer_states)
         return run.pixels
+
+    def _new_plan(self, curve: str, start: int) -> SchedulePlan:
+        """The plan of a run that walks this scheduler's ladder from rung ``start`` on."""
+        ladder = [float(t) for t in self.timesteps.tolist()][start:]
+        if any(t != round(t) for t in ladder):
+            raise ValueError(
+                f"AsynDM needs integer timesteps; this {type(self).__name__} has "
+                f"{ladder[:3]}...: use timestep_spacing='leading' or 'trailing' and no "
+                "Karras / exponential / beta sigmas")
+        cfg = self.config
+        return SchedulePlan(curve, tuple(int(t) for t in ladder), int(cfg.num_train_timesteps),
+                            int(getattr(cfg, "steps_offset", 0)))
+
+    def asyndm_maps(self, st: PixelState, nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, h, w)`` timesteps the model sees at this step and after it (``-1``: clean)."""
+        return st.timestep_map(), next_timestep_map(self.asyndm_run.plan, st, nxt)
 
     def _table(self, name: str, device: torch.device) -> torch.Tensor:
         """A per-timestep table (float32) on ``device``, made once per device."""
@@ -160,18 +178,18 @@ class _PerPixelScheduler:
                                                      **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        st = self.asyndm_pixels(tuple(sample.shape[-2:]), sample.device, timestep,
-                                sample.shape[0])
+        st = self.asyndm_pixels(sample, timestep, sample.shape[0])
         plan = run.plan
         # 1. every pixel's next state; 2. the step, the parent's own while no pixel lags
         nxt = step_states(plan, st)
         nxt_flags = ladder_flags(plan, st.step + 1, nxt)
-        t_map, t_next_map = st.timestep_map(), next_timestep_map(plan, st, nxt)
+        t_map, t_next_map = self.asyndm_maps(st, nxt)
         if st.lagging or nxt_flags[0]:
-            res = self._pixel_step(model_output, timestep, sample, t_map, t_next_map, st, a)
+            res = self._pixel_step(model_output, timestep, sample, st, nxt, t_map, t_next_map, a)
         else:
-            prev, x0 = super().step(**{**a, "return_dict": False})[:2]
-            res = StepOutput(prev_sample=prev, pred_original_sample=x0)
+            out = super().step(**{**a, "return_dict": False})
+            x0 = out[1] if len(out) > 1 else self._x0(model_output, sample, st)
+            res = StepOutput(prev_sample=out[0], pred_original_sample=x0)
         # 3. record, then the state of the next step (dynamic masks from this step's call)
         rec = StepRecord(st.step, plan.num_steps, t_map, t_next_map, st.labels,
                          res.prev_sample, res.pred_original_sample)
@@ -184,7 +202,11 @@ class _PerPixelScheduler:
             run.attention_sum = attn if run.attention_sum is None else run.attention_sum + attn
         run.pixels = after_step(plan, st, nxt, attn if run.dynamic else None,
                                 run.mask_threshold, nxt_flags)
-        if not a["return_dict"]:
+        return self._output(res, a["return_dict"])
+
+    def _output(self, res: StepOutput, return_dict: bool):
+        """The parent's own output type (or tuple) for a step's result."""
+        if not return_dict:
             return (res.prev_sample, res.pred_original_sample)
         return self._output_cls(prev_sample=res.prev_sample,
                                 pred_original_sample=res.pred_original_sample)
@@ -194,7 +216,8 @@ class _PerPixelScheduler:
         run = self.asyndm_run
         if run is not None and run.pixels is None:
             run.entered = True  # img2img / inpainting: the run starts on the ladder
-        elif run is not None and run.pixels.lagging and run.pixels.step < run.plan.num_steps:
+        elif (run is not None and run.pixels.lagging and run.plan.integer_states
+              and run.pixels.step < run.plan.num_steps):
             rung = run.plan.timesteps[run.pixels.step]
             if float(torch.as_tensor(timesteps).flatten()[0]) == rung:
                 # inpainting with a 4-channel UNet re-noises the known region each step:
@@ -206,11 +229,15 @@ class _PerPixelScheduler:
     def _make_table(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def _pixel_step(self, model_output, timestep, sample, t_map, t_next_map, st,
+    def _pixel_step(self, model_output, timestep, sample, st, nxt, t_map, t_next_map,
                     a: dict) -> StepOutput:
         raise NotImplementedError
 
     def _noise_to(self, x0: torch.Tensor, noise: torch.Tensor, t_map: torch.Tensor):
+        raise NotImplementedError
+
+    def _x0(self, model_output, sample, st) -> torch.Tensor:
+        """The clean-sample prediction, for schedulers whose ``step`` does not return it."""
         raise NotImplementedError
 
 
@@ -240,7 +267,7 @@ class AsynDMDDIMScheduler(_PerPixelScheduler, DDIMScheduler):
         """Accepted so that img2img pipelines tell where they enter (plain DDIM ignores it)."""
         self._begin_index = begin_index
 
-    def _pixel_step(self, model_output, timestep, sample, t_map, t_next_map, st,
+    def _pixel_step(self, model_output, timestep, sample, st, nxt, t_map, t_next_map,
                     a: dict) -> StepOutput:
         cfg = StepConfig.from_scheduler(self, a["eta"])
         noise = None
@@ -298,7 +325,7 @@ class _EulerFamily(_PerPixelScheduler):
         if run is None or (run.pixels is None and run.subjects is None):
             return super().scale_model_input(sample, timestep)
         bsz = run.subjects.batch_size if run.subjects is not None else sample.shape[0]
-        st = self.asyndm_pixels(tuple(sample.shape[-2:]), sample.device, timestep, bsz)
+        st = self.asyndm_pixels(sample, timestep, bsz)
         if not st.lagging:
             return super().scale_model_input(sample, timestep)
         if self.step_index is None:
@@ -308,7 +335,7 @@ class _EulerFamily(_PerPixelScheduler):
         self.is_scale_input_called = True
         return self._effective_sample(sample, st) / ((sigma**2 + 1) ** 0.5)
 
-    def _pixel_step(self, model_output, timestep, sample, t_map, t_next_map, st,
+    def _pixel_step(self, model_output, timestep, sample, st, nxt, t_map, t_next_map,
                     a: dict) -> StepOutput:
         if self.step_index is None:
             self._init_step_index(timestep)
@@ -364,9 +391,12 @@ def per_pixel_scheduler(scheduler) -> _PerPixelScheduler:
     """
     if isinstance(scheduler, _PerPixelScheduler):
         return scheduler
-    cls = PER_PIXEL.get(type(scheduler))
+    from .schedulers_flow import AsynDMFlowMatchEulerScheduler  # imports this module
+
+    classes = {**PER_PIXEL, FlowMatchEulerDiscreteScheduler: AsynDMFlowMatchEulerScheduler}
+    cls = classes.get(type(scheduler))
     if cls is None:
-        names = ", ".join(c.__name__ for c in PER_PIXEL)
+        names = ", ".join(c.__name__ for c in classes)
         raise ValueError(
             f"AsynDM has no per-pixel version of {type(scheduler).__name__}; supported: "
             f"{names}. Swap first, e.g. pipe.scheduler = "

@@ -161,6 +161,9 @@ class SchedulePlan:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    integer_states = True
+    """The model sees each state rounded to an integer timestep (DDIM's alpha-bar table)."""
+
     @property
     def uniform_ladder(self) -> bool:
         """Whether the timesteps are evenly spaced (DDIM's "leading" spacing, for example)."""

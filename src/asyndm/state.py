@@ -85,7 +85,7 @@ class PixelState:
     k_map: torch.Tensor
     k_values: tuple[float, ...]
     lagging: bool
-    uniform: int | None = None
+    uniform: float | None = None
 
     def timestep_map(self) -> torch.Tensor:
         """``(B, h, w)`` int64 timesteps the model is evaluated at (the rounded states)."""
@@ -131,19 +131,22 @@ def regions_from_attention(
     return labels, k_map_from_labels(labels, k)
 
 
-def ladder_flags(plan: SchedulePlan, step: int, state: torch.Tensor) -> tuple[bool, int | None]:
+def ladder_flags(plan: SchedulePlan, step: int, state: torch.Tensor) -> tuple[bool, float | None]:
     """``(lagging, uniform)`` of a state map at ``step`` (one host synchronisation).
 
     ``lagging``: some pixel is off the ladder; ``uniform``: the timestep every pixel has
-    when the rounded map holds a single value, else ``None``.
+    when the map holds a single value (rounded first where the model sees rounded states),
+    else ``None``.
     """
     if step >= plan.num_steps:
         return False, None
-    t_map = state.round()
+    t_map = state.round() if plan.integer_states else state
     first = t_map.flatten()[0]
     flags = torch.stack([(state != plan.background_at(step)).any().to(state.dtype),
                          (t_map != first).any().to(state.dtype), first]).tolist()
-    return bool(flags[0]), None if flags[1] else int(flags[2])
+    if flags[1]:
+        return bool(flags[0]), None
+    return bool(flags[0]), int(flags[2]) if plan.integer_states else flags[2]
 
 
 def begin(
