@@ -8,7 +8,7 @@ does not depend on the scale), eta 1.0.
 
 ``pipe(..., mode="dm")`` and ``pipe(..., mode="asyndm")`` run interleaved in one process
 (see ``harness.py``); the script prints the medians and the ratio ``asyndm / dm`` of the
-wall time per step (from the pipeline's step callback), end to end (the whole ``__call__``:
+wall time per step (from diffusers' ``callback_on_step_end``), end to end (the whole ``__call__``:
 prompt encoding, sampling, decoding, PIL conversion) and the peak memory.
 
 example: python benchmarks/bench_embedded.py --repeats 5 --threads 1
@@ -70,16 +70,17 @@ def run_benchmark(pipe, *, steps: int = 25, repeats: int = 5, guidance_scale: fl
     def call_once(mode: str, n_steps: int) -> Run:
         stamps: list[tuple[float, float]] = []  # (wall, cpu) after each step
 
-        def on_step(rec) -> None:
+        def on_step(pipeline, i, t, kwargs):  # diffusers' own step callback: dm untouched
             synchronize(device)
             stamps.append((time.perf_counter(), time.process_time()))
+            return kwargs
 
         generator = torch.Generator().manual_seed(seed)  # as ``asyndm generate`` does
         with PeakMemory(device) as mem:
             start = (time.perf_counter(), time.process_time())
             pipe(PROMPT, subjects=list(SUBJECTS), k=list(SUBJECT_K), mode=mode,
                  num_inference_steps=n_steps, guidance_scale=guidance_scale, eta=eta,
-                 generator=generator, callback=on_step)
+                 generator=generator, callback_on_step_end=on_step)
             synchronize(device)
             total, total_cpu = time.perf_counter() - start[0], time.process_time() - start[1]
         edges = [start, *stamps]

@@ -2,10 +2,12 @@
 
 The UNet is built from SD 2.1-base's published config with random weights (offline; speed
 and memory do not depend on the weights). Text conditioning is random prompt embeddings
-``(B, 77, 1024)``, so no text encoder is needed. The loop is asyndm's own ``sample()`` with
-``UNetDenoiser``, ``PerPixelTimestep`` and ``AttentionCapture`` wired exactly as
-``AsynDMPipeline`` does: two subjects at token positions 2 and 5 with k 0.5 and 0.3,
-dynamic masks, classifier-free guidance (batch 2B through the UNet).
+``(B, 77, 1024)``, so no text encoder is needed. Both modes run diffusers' own
+``StableDiffusionPipeline.__call__`` (``prompt_embeds``, ``output_type="latent"``, DDIM):
+``dm`` untouched, ``asyndm`` inside :class:`asyndm.hooks.AsynDMHooks` (what
+``asyndm.enable`` and ``AsynDMPipeline`` install): two subjects at token positions 2 and 5
+with k 0.5 and 0.3, dynamic masks, classifier-free guidance (batch 2B through the UNet).
+``naive`` is the same with the naive adapters of ``naive.py``.
 
 Modes run interleaved in one process (see ``harness.py``); the script prints the medians
 and the ratios ``asyndm / dm`` (and ``naive / dm`` with ``--naive``) of the wall and CPU time
@@ -27,20 +29,19 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (PeakMemory, Run, StepClock, format_summary, interior_steps,  # noqa: E402
+from harness import (PeakMemory, Run, format_summary, interior_steps,  # noqa: E402
                      interleave, memory_kind, parse_dtype, summarise, synchronize)
 from naive import NaiveAttentionCapture, NaivePerPixelTimestep  # noqa: E402
 
 from asyndm.adapters.attention import AttentionCapture  # noqa: E402
 from asyndm.adapters.unet import PerPixelTimestep  # noqa: E402
-from asyndm.denoise import UNetDenoiser  # noqa: E402
-from asyndm.sampler import Subjects, sample  # noqa: E402
-from asyndm.schedules import SchedulePlan  # noqa: E402
-from asyndm.step import StepConfig  # noqa: E402
+from asyndm.hooks import AsynDMHooks  # noqa: E402
+from asyndm.schedulers import AsynRun  # noqa: E402
+from asyndm.state import Subjects  # noqa: E402
 
 # stabilityai/stable-diffusion-2-1-base, unet/config.json (the entries that differ from
 # diffusers' UNet2DConditionModel defaults, plus the ones the issue names).
@@ -135,41 +136,50 @@ def run_benchmark(
     gen = torch.Generator(device=device).manual_seed(seed)
     embeds = torch.randn(2 * batch_size, seq_len, cfg.cross_attention_dim, generator=gen,
                          device=device, dtype=dtype)  # (2B, L, D): [negative; positive]
-    subj = make_subjects(batch_size, device)
-    alphas = scheduler.alphas_cumprod
-    final_alpha = scheduler.final_alpha_cumprod
-    step_cfg = StepConfig.from_scheduler(scheduler, eta)
+    negative, positive = embeds.chunk(2)
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    factor = pipe.vae_scale_factor
     distinct: dict[str, list[int]] = {}
 
     def sample_once(mode: str, n_steps: int) -> Run:
-        plan = SchedulePlan.from_scheduler(scheduler, n_steps, "quadratic")
-        clock = StepClock(device)
-        maps: list[torch.Tensor] = []
-        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        stamps: list[tuple[float, float]] = []  # (wall, cpu) after each step
+        seen: list[int] = []  # distinct timesteps of each model call
 
-        def noise_fn(shape, dt, dev):
-            return torch.randn(shape, generator=noise_gen, device=dev, dtype=dt)
-
-        with PeakMemory(device) as mem:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            latents = torch.randn(batch_size, cfg.in_channels, *latent_hw, generator=noise_gen,
-                                  device=device, dtype=dtype) * scheduler.init_noise_sigma
-            with torch.no_grad(), ExitStack() as stack:
-                capture = None
-                if mode != "dm":
-                    capture_cls, timestep_cls = adapters[mode]
-                    capture = stack.enter_context(capture_cls(unet, latent_hw))
-                    stack.enter_context(timestep_cls(unet))
-                denoise = UNetDenoiser(unet, embeds, guidance_scale, None, capture,
-                                       subj.positions)
-                sample(denoise, latents, plan, alphas, final_alpha, step_cfg,
-                       mode="dm" if mode == "dm" else "asyndm", subjects=subj,
-                       noise_fn=noise_fn, progress=clock,
-                       callback=lambda rec: maps.append(rec.timesteps))
+        def on_step(pipeline, i, t, kwargs):
             synchronize(device)
-            total, total_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        distinct[mode] = [int(torch.unique(m).numel()) for m in maps]
-        return Run(total, clock.steps, mem.peak, mem.work, total_cpu, clock.cpu_steps)
+            stamps.append((time.perf_counter(), time.process_time()))
+            return kwargs
+
+        def count(module, args, kwargs):
+            seen.append(int(torch.unique(kwargs.get("timestep", args[1:2] and args[1])).numel()))
+
+        call = dict(prompt_embeds=positive, negative_prompt_embeds=negative, eta=eta,
+                    num_inference_steps=n_steps, guidance_scale=guidance_scale,
+                    height=latent_hw[0] * factor, width=latent_hw[1] * factor,
+                    output_type="latent", callback_on_step_end=on_step,
+                    generator=torch.Generator(device=device).manual_seed(seed + 1))
+        # registered first, with prepend: runs after AsynDM's map hook, before the adapters
+        handle = unet.register_forward_pre_hook(count, with_kwargs=True, prepend=True)
+        with PeakMemory(device) as mem:
+            start = (time.perf_counter(), time.process_time())
+            with ExitStack() as stack:
+                if mode != "dm":
+                    run = AsynRun(mode="asyndm", capture=True, keep_records=False)
+                    stack.enter_context(AsynDMHooks(pipe, run, list(SUBJECT_POSITIONS),
+                                                    list(SUBJECT_K),
+                                                    unet_adapters=adapters[mode]))
+                pipe(**call)
+            synchronize(device)
+            total, total_cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+        handle.remove()
+        distinct[mode] = seen[:n_steps]
+        edges = [start, *stamps]
+        wall = [b[0] - a[0] for a, b in zip(edges, edges[1:])]
+        cpu = [b[1] - a[1] for a, b in zip(edges, edges[1:])]
+        return Run(total, wall, mem.peak, mem.work, total_cpu, cpu)
 
     log(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, latents {latent_hw}, "
         f"batch {batch_size} (x2 with CFG), {steps} steps, {repeats} repeats, modes {modes}")

@@ -61,6 +61,9 @@ class NaivePerPixelTimestep:
         self._handles.clear()
         self._t_map = self._emb = None
 
+    # the interface asyndm.hooks.AsynDMHooks installs adapters through
+    install, remove = __enter__, __exit__
+
     def _unet_pre(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
@@ -193,6 +196,8 @@ class NaiveAttentionCapture:
         if self._originals is not None:
             self.unet.set_attn_processor(self._originals)
             self._originals = None
+
+    install, remove = __enter__, __exit__
 
     def start(self, positions: torch.Tensor, rows: slice = slice(None)) -> None:
         st = self._store

@@ -113,7 +113,8 @@ def test_save_load_folder_round_trip(tiny, tmp_path):
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
-    for absent in ("vae", "safety_checker", "feature_extractor", "image_encoder"):
+    assert index["vae"] == ["asyndm", "PixelShuffleVAE"]  # pixel space: a weightless shuffle
+    for absent in ("safety_checker", "feature_extractor", "image_encoder"):
         assert index[absent] == [None, None]
     assert index["requires_safety_checker"] is False
     assert (out / "README.md").read_text() == "# card\n"

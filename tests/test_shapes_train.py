@@ -115,7 +115,12 @@ def test_train_checkpoint_resume_and_export(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    assert text.dtype == torch.float16
+    # stored in half precision, computed (and loaded by default) in float32 like the UNet
+    assert text.dtype == torch.float32 and unet.dtype == torch.float32
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
     ids = tok(["a red circle"], padding="max_length", max_length=32, return_tensors="pt")
     with torch.no_grad():
         ctx = text.float()(ids.input_ids).last_hidden_state

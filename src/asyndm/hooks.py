@@ -83,11 +83,15 @@ class AsynDMHooks:
         run: the run state the scheduler and hooks share.
         subjects: subject words / token positions (one list, or one list per prompt).
         k: one strength or one per subject.
-        mask_level: override of the attention level the masks are read at.
+        mask_level: override of the attention level the masks are read at (SD3: the
+            blocks, a sequence of indices).
+        unet_adapters: the UNet's (attention capture, per-pixel timestep) classes; other
+            implementations of the same interface can be measured against ours.
     """
 
     def __init__(self, pipe, run: AsynRun, subjects: Sequence | None, k,
-                 mask_level: int | Sequence[int] | None = None) -> None:
+                 mask_level: int | Sequence[int] | None = None,
+                 unet_adapters: tuple[type, type] = (AttentionCapture, PerPixelTimestep)) -> None:
         unet = getattr(pipe, "unet", None)
         if unet is None:  # SD3 / SD3.5: the MMDiT is the denoiser
             unet = getattr(pipe, "transformer", None)
@@ -104,6 +108,7 @@ class AsynDMHooks:
                              "(one ControlNetModel is)")
         self.pipe, self.run, self.unet, self.controlnet = pipe, run, unet, controlnet
         self.specs, self.k, self.mask_level = subjects, k, mask_level
+        self.capture_cls, self.per_pixel_cls = unet_adapters
         self.capture: AttentionCapture | None = None
         self._undo: list[Callable[[], None]] = []
         self._capturing = False
@@ -124,7 +129,7 @@ class AsynDMHooks:
             if model is None:
                 continue
             if run.mode != "dm":
-                adapter = PerTokenTimestep if self.mmdit else PerPixelTimestep
+                adapter = PerTokenTimestep if self.mmdit else self.per_pixel_cls
                 per_pixel = adapter(model).install()
                 self._undo.append(per_pixel.remove)
             handle = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
@@ -199,12 +204,14 @@ class AsynDMHooks:
             raise ValueError(f"the model got {rows} rows for {bsz} samples")
         sched = self.pipe.scheduler
         st = sched.asyndm_pixels(sample, t, bsz)
-        if module is self.unet and run.capture:
+        # one capture per step: the first call of the denoiser (SD3's skip-layer guidance
+        # calls it again, with layers skipped)
+        if module is self.unet and run.capture and run.attention is None and not self._capturing:
             if self.capture is None:
                 grid = tuple(run.pixels.state.shape[-2:])
                 self.capture = (JointAttentionCapture(self.unet, grid, self.mask_level)
                                 if self.mmdit else
-                                AttentionCapture(self.unet, grid, self.mask_level)).install()
+                                self.capture_cls(self.unet, grid, self.mask_level)).install()
             self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz))
             self._capturing = True
         if not st.lagging:
