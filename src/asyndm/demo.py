@@ -17,7 +17,7 @@ from PIL import Image
 from .generate import MIN_STEPS, check_out_dir
 from .loading import EMBEDDED_GUIDANCE, label_progress, load_pipeline
 from .sampler import MODES, StepRecord
-from .viz import comparison_grid, save_timestep_animation
+from .viz import comparison_grid, mode_titles, save_timestep_animation
 
 DEMO_PROMPTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("a red circle to the left of a blue square", ("red circle", "blue square")),
@@ -71,12 +71,19 @@ def run_demo(
     rows = [[images[m][i] for m in MODES] for i in range(len(prompts))]
     captions = [[f"scorer: {verdicts[m][i]}" if verdicts[m][i] else "" for m in MODES]
                 for i in range(len(prompts))]
-    grid = comparison_grid(rows, ["DM", "DM_concave", "AsynDM"], prompts, cell=160,
-                           captions=captions)
+    titles = [f"seed {seed + i}: {p}  [subjects: {', '.join(s)}]"
+              for i, (p, s) in enumerate(DEMO_PROMPTS)]
+    header = (f"asyndm demo: the embedded model draws 32x32 images (shown enlarged); "
+              f"{steps} DDIM steps, guidance {DEMO_GUIDANCE}; the three modes of a row share "
+              "their noise; scorer = the exact ShapesBench check of the prompt")
+    grid = comparison_grid(rows, mode_titles(str(DEMO_K)), titles, cell=160,
+                           captions=captions, header=header)
     paths = [out / "compare.png"]
     tmp = paths[0].with_name("compare.png.tmp")
     grid.save(tmp, format="PNG")
     os.replace(tmp, paths[0])
-    for i in range(len(prompts)):
-        paths.append(save_timestep_animation(records, out / f"timesteps_{i}.gif", index=i))
+    for i, (prompt, subs) in enumerate(DEMO_PROMPTS):
+        paths.append(save_timestep_animation(records, out / f"timesteps_{i}.gif", index=i,
+                                             title=f"AsynDM, seed {seed + i}: {prompt}",
+                                             label_names=list(subs)))
     return paths

@@ -22,7 +22,7 @@ from .loading import default_guidance, label_progress, load_pipeline
 from .sampler import MASK_MODES, MODES, StepRecord
 from .schedules import CURVES
 from .subjects import check_for_pipeline
-from .viz import comparison_grid, save_timestep_animation
+from .viz import comparison_grid, mode_titles, save_timestep_animation
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -253,12 +253,21 @@ def compare(cfg: GenerateConfig, pipe=None) -> RunResult:
     result = run_modes(cfg, pipe, keep_records=True)
     out = Path(cfg.out)
     rows = [[result.images[m][i] for m in MODES] for i in range(cfg.num_images)]
-    grid = comparison_grid(rows, ["DM", "DM_concave", "AsynDM"],
-                           [f"seed {cfg.seed + i}" for i in range(cfg.num_images)])
+    k = "/".join(f"{v:g}" for v in cfg.k)
+    subjects = ", ".join(map(str, cfg.subjects))
+    header = (f"{cfg.prompt}  [subjects: {subjects}]\n{cfg.steps} DDIM steps, guidance "
+              f"{cfg.guidance:g}, eta {cfg.eta:g}, {cfg.mask_mode} masks at "
+              f"{cfg.mask_threshold:g} x mean; model: {cfg.model or 'embedded (32x32)'}")
+    grid = comparison_grid(
+        rows, mode_titles(k, cfg.curve),
+        [f"seed {cfg.seed + i}: all three modes start from the same noise"
+         for i in range(cfg.num_images)], header=header)
     grid_path = out / "compare.png"
     _atomic_save(grid, grid_path)
     result.paths.append(grid_path)
     for i, recs in enumerate(result.records["asyndm"]):
         gif = out / f"timesteps_seed{cfg.seed + i}.gif"
-        result.paths.append(save_timestep_animation(recs, gif))
+        result.paths.append(save_timestep_animation(
+            recs, gif, title=f"AsynDM, seed {cfg.seed + i}: {cfg.prompt}",
+            label_names=[str(s) for s in cfg.subjects]))
     return result
