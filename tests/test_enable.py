@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ddim, tiny_unet
-from diffusers import (ControlNetModel, DDIMScheduler, DiffusionPipeline,
+from diffusers import (ControlNetModel, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
                        DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, StableDiffusionControlNetPipeline,
                        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
@@ -73,10 +73,17 @@ def test_reproduces_the_pinned_outputs_of_the_reimplemented_call(case, sd_compon
 
 
 # -- no AsynDM arguments: the parent, bit for bit ------------------------------------------
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpm"])
+def ddpm():
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         steps_offset=1, clip_sample=False)
+
+
+SCHEDULERS = {"ddim": ddim, "ddpm": ddpm, "euler": euler, "euler_a": lambda: euler(True)}
+
+
+@pytest.mark.parametrize("scheduler", [*SCHEDULERS, "dpm"])
 def test_no_asyndm_arguments_is_the_parent(sd_components, scheduler):
-    sched = {"ddim": ddim(), "euler": euler(), "euler_a": euler(True),
-             "dpm": DPMSolverMultistepScheduler()}[scheduler]
+    sched = SCHEDULERS[scheduler]() if scheduler != "dpm" else DPMSolverMultistepScheduler()
     comps = {**sd_components, "scheduler": sched}
     want = _quiet(StableDiffusionPipeline(**comps, requires_safety_checker=False))(
         PROMPT, num_inference_steps=3, output_type="np", generator=_gen(1)).images
@@ -115,9 +122,9 @@ def test_eta_defaults_to_the_parents(sd, asyn):
 
 
 # -- AsynDM through every scheduler --------------------------------------------------------
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a"])
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_empty_masks_equal_dm_and_regions_lag(sd_components, scheduler):
-    sched = {"ddim": ddim(), "euler": euler(), "euler_a": euler(True)}[scheduler]
+    sched = SCHEDULERS[scheduler]()
     pipe = _quiet(AsynDMPipeline(**{**sd_components, "scheduler": sched}))
     kw = dict(num_inference_steps=4, output_type="np")
     dm = pipe(PROMPT, generator=_gen(), **kw).images

@@ -46,7 +46,10 @@ def test_background_is_the_scheduler_ladder(steps, spacing):
     for i in range(-1, steps):
         s = advance(plan, s, i, torch.zeros(1))
         states.append(float(s[0]))
-    assert states[:-1] == [float(t) for t in sched.timesteps]
+    # the model sees the rounded states: exactly the ladder (on a uniform ladder the states
+    # follow the reference's float32 linear re-solve, within round-off of it)
+    assert [round(x) for x in states[:-1]] == [int(t) for t in sched.timesteps]
+    assert states[:-1] == pytest.approx([float(t) for t in sched.timesteps], abs=1e-3)
     assert states[-1] == FINAL_STATE
 
 

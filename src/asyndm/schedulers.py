@@ -1,6 +1,6 @@
 """diffusers schedulers that take AsynDM's per-pixel steps: thin adapters over the pure maths.
 
-``AsynDMDDIMScheduler``, ``AsynDMEulerDiscreteScheduler`` and
+``AsynDMDDIMScheduler``, ``AsynDMDDPMScheduler``, ``AsynDMEulerDiscreteScheduler`` and
 ``AsynDMEulerAncestralDiscreteScheduler`` subclass diffusers' own schedulers and are swapped
 in the diffusers way (``from_config``, which :func:`asyndm.enable` does for the user). With
 no run attached (``scheduler.asyndm_run is None``) they *are* the parent scheduler. With a
@@ -28,16 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler)
+from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
 from .sampler import StepRecord
 from .schedules import SchedulePlan
 from .state import (PixelState, Subjects, after_step, begin, ladder_flags, next_timestep_map,
                     step_states)
-from .step import (StepConfig, StepOutput, alpha_bar, ddim_step, euler_ancestral_step,
-                   euler_step, gather, sigma_table)
+from .step import (StepConfig, StepOutput, alpha_bar, ddim_step, ddpm_step,
+                   euler_ancestral_step, euler_step, gather, sigma_table)
 
 
 @dataclass
@@ -286,6 +286,34 @@ class AsynDMDDIMScheduler(_PerPixelScheduler, DDIMScheduler):
         return (a**0.5 * x0 + (1 - a) ** 0.5 * noise).to(x0.dtype)
 
 
+class AsynDMDDPMScheduler(_PerPixelScheduler, DDPMScheduler):
+    """``DDPMScheduler`` (ancestral sampling) with per-pixel timesteps."""
+
+    step = _step_like(DDPMScheduler.step)
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput as _output_cls
+
+    def _make_table(self, name: str) -> torch.Tensor:
+        return self.alphas_cumprod
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Accepted so that img2img pipelines tell where they enter (plain DDPM ignores it)."""
+        self._begin_index = begin_index
+
+    def _pixel_step(self, model_output, timestep, sample, st, nxt, t_map, t_next_map,
+                    a: dict) -> StepOutput:
+        cfg = StepConfig.from_scheduler(self)
+        noise = None
+        if timestep > 0:  # drawn as DDPMScheduler.step draws it: when the step's t > 0
+            noise = randn_tensor(model_output.shape, generator=a["generator"],
+                                 device=model_output.device, dtype=model_output.dtype)
+        acp = self._table("alphas_cumprod", sample.device)
+        one = torch.ones((), device=sample.device)  # alpha-bar after the last step
+        return ddpm_step(model_output, sample, alpha_bar(acp, t_map, one),
+                         alpha_bar(acp, t_next_map, one), cfg, noise, self.config.variance_type)
+
+    _noise_to = AsynDMDDIMScheduler._noise_to
+
+
 class _EulerFamily(_PerPixelScheduler):
     """Per-pixel sigma for the Euler schedulers (``sigma = sqrt((1 - a) / a)`` per pixel)."""
 
@@ -378,6 +406,7 @@ class AsynDMEulerAncestralDiscreteScheduler(_EulerFamily, EulerAncestralDiscrete
 
 PER_PIXEL = {
     DDIMScheduler: AsynDMDDIMScheduler,
+    DDPMScheduler: AsynDMDDPMScheduler,
     EulerDiscreteScheduler: AsynDMEulerDiscreteScheduler,
     EulerAncestralDiscreteScheduler: AsynDMEulerAncestralDiscreteScheduler,
 }

@@ -166,9 +166,10 @@ class SchedulePlan:
 
     @property
     def uniform_ladder(self) -> bool:
-        """Whether the timesteps are evenly spaced (DDIM's "leading" spacing, for example)."""
-        gaps = {a - b for a, b in zip(self.timesteps, self.timesteps[1:])}
-        return len(gaps) <= 1
+        """Whether the initial state and the timesteps are evenly spaced (DDIM's "leading"
+        spacing when ``N`` divides ``T``: then the linear re-solve walks the ladder itself)."""
+        ladder = (self.initial, *self.timesteps)
+        return len({a - b for a, b in zip(ladder, ladder[1:])}) <= 1
 
     @property
     def initial(self) -> float:
@@ -254,16 +255,20 @@ def advance(
         return torch.full_like(state, FINAL_STATE)
     n = n_total - 1 - i  # steps left after this transition, >= 1
     target = plan.target
-    # Background: a pixel on the ladder moves to the ladder's next rung exactly (so empty
-    # masks are the scheduler's own run); a pixel off it (a subject that joined the
-    # background) takes the linear re-solve on a uniform ladder, as the reference does,
-    # and otherwise keeps its excess over the ladder, decaying linearly to zero at the end.
+    # Background. On a uniform ladder read through rounding (DDIM's), every background pixel
+    # takes the linear re-solve in the reference's float32 order: a pixel on the ladder stays
+    # within round-off of it (so its rounded timestep is the scheduler's, and empty masks are
+    # the scheduler's own run) and a subject that joined the background rounds as there.
+    # Otherwise a pixel on the ladder moves to the next rung exactly, and a pixel off it
+    # takes the linear re-solve (uniform ladder) or keeps its excess over the ladder,
+    # decaying linearly to zero at the last step.
     tau_i, tau_next = plan.background_at(i), plan.background_at(i + 1)
     if plan.uniform_ladder:
-        off_ladder = linear_next(state, n, target)
+        background = linear_next(state, n, target)
     else:
-        off_ladder = tau_next + (state - tau_i) * ((n - 1) / n)
-    background = torch.where(state == tau_i, torch.full_like(state, tau_next), off_ladder)
+        background = tau_next + (state - tau_i) * ((n - 1) / n)
+    if not (plan.uniform_ladder and plan.integer_states):
+        background = torch.where(state == tau_i, torch.full_like(state, tau_next), background)
     is_region = k_map > 0
     if n == 1:  # every curve ends exactly on target; skip the round-off of evaluating it
         region = torch.full_like(state, target)

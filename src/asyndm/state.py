@@ -134,15 +134,15 @@ def regions_from_attention(
 def ladder_flags(plan: SchedulePlan, step: int, state: torch.Tensor) -> tuple[bool, float | None]:
     """``(lagging, uniform)`` of a state map at ``step`` (one host synchronisation).
 
-    ``lagging``: some pixel is off the ladder; ``uniform``: the timestep every pixel has
-    when the map holds a single value (rounded first where the model sees rounded states),
-    else ``None``.
+    Both are read from the map the model is given (the rounded states where the model sees
+    rounded states): ``lagging``, some pixel is off the ladder; ``uniform``, the timestep
+    every pixel has when the map holds a single value, else ``None``.
     """
     if step >= plan.num_steps:
         return False, None
-    t_map = state.round() if plan.integer_states else state
+    t_map = state.round() if plan.integer_states else state  # what the model is given
     first = t_map.flatten()[0]
-    flags = torch.stack([(state != plan.background_at(step)).any().to(state.dtype),
+    flags = torch.stack([(t_map != plan.background_at(step)).any().to(state.dtype),
                          (t_map != first).any().to(state.dtype), first]).tolist()
     if flags[1]:
         return bool(flags[0]), None

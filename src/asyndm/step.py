@@ -211,3 +211,56 @@ def euler_ancestral_step(
     prev = x + derivative * (sigma_down - sigma)
     prev = prev + noise * sigma_up
     return StepOutput(prev_sample=prev.to(model_output.dtype), pred_original_sample=x0)
+
+
+# -- DDPM (ancestral) ------------------------------------------------------------------------
+
+
+def ddpm_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    a_t: torch.Tensor,
+    a_prev: torch.Tensor,
+    cfg: StepConfig,
+    noise: torch.Tensor | None,
+    variance_type: str = "fixed_small",
+) -> StepOutput:
+    """One DDPM ancestral step where alpha-bars may differ per pixel (Ho et al. 2020, eq. 7).
+
+    Args:
+        model_output, sample: ``(B, C, h, w)``.
+        a_t, a_prev: alpha-bars broadcastable to ``sample``; ``a_prev`` is ``1`` after the
+            last step (DDPMScheduler's convention, not the final alpha-bar).
+        cfg: prediction type and clipping (``eta`` is not used).
+        noise: ``(B, C, h, w)`` standard normal noise, or ``None`` for no variance (as the
+            scheduler does at ``t = 0``).
+        variance_type: ``"fixed_small"`` (posterior variance) or ``"fixed_large"`` (beta).
+    """
+    # 1. alphas and betas of the transition
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    cur_alpha = a_t / a_prev
+    cur_beta = 1 - cur_alpha
+    # 2. predicted x0 and the scheduler's clipping
+    if cfg.prediction_type == "epsilon":
+        x0 = (sample - b_t ** (0.5) * model_output) / a_t ** (0.5)
+    elif cfg.prediction_type == "sample":
+        x0 = model_output
+    else:  # v_prediction
+        x0 = (a_t**0.5) * sample - (b_t**0.5) * model_output
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    # 3. the posterior mean, eq. 7
+    x0_coeff = (a_prev ** (0.5) * cur_beta) / b_t
+    sample_coeff = cur_alpha ** (0.5) * b_prev / b_t
+    prev = x0_coeff * x0 + sample_coeff * sample
+    # 4. the variance
+    if noise is not None:
+        if variance_type == "fixed_small":
+            var = torch.clamp(b_prev / b_t * cur_beta, min=1e-20)
+        elif variance_type == "fixed_large":
+            var = cur_beta
+        else:
+            raise ValueError(f"variance_type {variance_type!r} is not supported per pixel; "
+                             "use 'fixed_small' or 'fixed_large'")
+        prev = prev + (var**0.5) * noise
+    return StepOutput(prev_sample=prev, pred_original_sample=x0)
