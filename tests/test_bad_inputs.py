@@ -150,6 +150,9 @@ CASES = [
     ("bench-batch-0", B + ["--batch-size", "0"], r"batch_size must be >= 1"),
     ("bench-seeds-0", B + ["--seeds", "0"], r"seeds must be >= 1"),
     ("bench-guidance-nan", B + ["--guidance", "nan"], r"guidance must be >= 0, got nan"),
+    ("bench-eta-above-1", B + ["--eta", "2"], r"eta must be in \[0, 1\], got 2"),
+    ("bench-seed-overflow", B + ["--first-seed", str(2**63 - 1), "--seeds", "2"],
+     r"seeds must be in 0\.\.2\*\*63-1"),
     ("bench-suite-missing", B + ["--suite", "{work}/nope.json"], r"nope\.json"),
     ("bench-variant-unknown", B + ["--variant", "ddpm"], r"ddpm"),
     ("bench-position-padding", B + ["--suite", "{traps}/padding-suite.json"],
@@ -189,6 +192,12 @@ def test_a_mistake_is_one_line_and_writes_nothing(argv, pattern, model_dir, trap
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1, err
+    # nothing else but argparse's usage and loading progress bars: no warnings, no notices
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err)  # tqdm's cursor moves
+    others = [line for line in re.split(r"[\r\n]", plain) if line.strip()
+              and line not in lines and not line.startswith(("usage:", " "))
+              and not re.search(r"(it/s|s/it)\]$", line)]
+    assert not others, others
     assert re.search(pattern, lines[0]), lines[0]
     assert _snapshot(work) == before
     assert torch.get_num_threads() == threads

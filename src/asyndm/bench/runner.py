@@ -44,7 +44,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..generate import MIN_STEPS
+from ..generate import MAX_SEED, MIN_STEPS
 from ..loading import default_guidance
 from ..sampler import MODES
 from ..schedules import SchedulePlan
@@ -111,12 +111,15 @@ class BenchConfig:
             raise ValueError(f"variant names must be unique, got {names}")
         if self.seeds < 1 or self.first_seed < 0:
             raise ValueError("seeds must be >= 1 and first_seed >= 0")
+        if self.first_seed + self.seeds - 1 > MAX_SEED:
+            raise ValueError(f"seeds must be in 0..2**63-1; first_seed {self.first_seed} with "
+                             f"{self.seeds} seeds goes to {self.first_seed + self.seeds - 1}")
         if self.steps < MIN_STEPS:
             raise ValueError(f"steps must be >= {MIN_STEPS}, got {self.steps}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
+            raise ValueError(f"eta must be in [0, 1], got {self.eta:g}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
