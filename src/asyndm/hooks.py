@@ -29,24 +29,10 @@ from torch import nn
 from .adapters.attention import AttentionCapture
 from .adapters.sd3 import JointAttentionCapture, PerTokenTimestep
 from .adapters.unet import PerPixelTimestep
+from .checks import check_options, check_subjects
 from .sampler import StepRecord
 from .schedulers import AsynRun, per_pixel_scheduler
-from .schedules import CURVES
-from .state import MASK_MODES, MODES
 from .subjects import ResolvedSubject, SubjectSpec, batch_subjects, resolve_subjects
-
-
-def check_options(mode: str, curve: str, mask_mode: str, mask_threshold: float) -> None:
-    """Validate the AsynDM options a user can get wrong (one-line ``ValueError`` each)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if curve not in CURVES:
-        raise ValueError(f"curve must be one of {sorted(CURVES)}, got {curve!r}")
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    if not (isinstance(mask_threshold, (int, float)) and mask_threshold > 0
-            and mask_threshold < float("inf")):
-        raise ValueError(f"mask_threshold must be a finite number > 0, got {mask_threshold!r}")
 
 
 def _per_prompt(subjects: Sequence, n_prompts: int) -> list[list]:
@@ -303,6 +289,7 @@ def enable(
         callback: called with a :class:`~asyndm.sampler.StepRecord` after every step.
     """
     check_options(mode, curve, mask_mode, mask_threshold)
+    check_subjects(subjects, k)
     if mask_mode == "static":
         raise ValueError("mask_mode='static' needs a DM pre-run of the same seed: use "
                          "AsynDMPipeline / AsynDMXLPipeline (mask_mode='static') instead")

@@ -27,7 +27,8 @@ from diffusers.utils import BaseOutput
 from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
                           CLIPVisionModelWithProjection)
 
-from .hooks import AsynDMHooks, check_options
+from .checks import check_call_kwargs, check_options, check_subjects
+from .hooks import AsynDMHooks
 from .pixel_vae import PixelShuffleVAE
 from .sampler import StepRecord, static_labels_from_attention
 from .schedulers import AsynRun
@@ -84,6 +85,8 @@ class _AsynDMCall:
         if mode is None:
             mode = "asyndm" if subjects else "dm"
         check_options(mode, curve, mask_mode, mask_threshold)
+        check_subjects(subjects, k)
+        check_call_kwargs(self, kwargs)
         if getattr(self, "vae", None) is None and kwargs.get("output_type", "pil") != "latent":
             raise ValueError("this pipeline has no VAE: pass output_type='latent' or set pipe.vae")
         if mode == "dm" and callback is None and not return_timestep_maps:
