@@ -109,3 +109,13 @@ def sd_components(tokenizer):
         vae=tiny_vae(), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
         unet=tiny_unet(), scheduler=ddim(), safety_checker=None, feature_extractor=None,
     )
+
+
+@pytest.fixture(scope="session")
+def sd3_components(tokenizer):
+    return dict(
+        transformer=tiny_transformer(), scheduler=flow_scheduler(), vae=tiny_sd3_vae(),
+        text_encoder=tiny_text_encoder(tokenizer, projection=True, seed=1), tokenizer=tokenizer,
+        text_encoder_2=tiny_text_encoder(tokenizer, projection=True, seed=2),
+        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+    )

@@ -291,3 +291,46 @@ def test_embedded_model_loads_without_a_dtype_and_through_diffusion_pipeline():
     assert type(plain) is StableDiffusionPipeline
     assert plain("a red circle", num_inference_steps=2, output_type="np",
                  generator=_gen()).images.shape == (1, 32, 32, 3)
+
+
+def test_inpainting_with_a_4_channel_unet_renoises_every_pixel_to_its_own_level(sd_components):
+    pipe = _quiet(StableDiffusionInpaintPipeline(**sd_components, requires_safety_checker=False))
+    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    seen = []
+    with asyndm.enable(pipe, subjects=["cat"], k=0.5) as run:
+        sched = pipe.scheduler
+        original = sched._noise_to
+
+        def spy(x0, noise, t_map):
+            seen.append(t_map.clone())
+            return original(x0, noise, t_map)
+
+        sched._noise_to = spy
+        out = pipe(PROMPT, image=image, mask_image=mask, num_inference_steps=4,
+                   output_type="np", generator=_gen())
+        ladder = pipe.scheduler.timesteps
+    # the known region is re-noised after every step but the last: at the next step's map
+    # where it lags (elsewhere at the ladder's rung, by the parent's own add_noise)
+    lagging = [m for t, m in zip(ladder[1:], run.timestep_maps[1:]) if (m != int(t)).any()]
+    assert len(seen) == len(lagging) >= 1
+    assert all(torch.equal(a, b) for a, b in zip(seen, lagging))
+    assert np.isfinite(out.images).all()
+    x0, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    a = sched.alphas_cumprod[seen[0]][:, None]  # (1, 1, 16, 16)
+    torch.testing.assert_close(original(x0, noise, seen[0]), a**0.5 * x0 + (1 - a) ** 0.5 * noise)
+
+
+def test_enable_on_a_stock_sd3_pipeline(sd3_components):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = _quiet(StableDiffusion3Pipeline(**sd3_components))
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np",
+              max_sequence_length=8)
+    dm = pipe(PROMPT, generator=_gen(), **kw).images
+    with asyndm.enable(pipe, subjects=["cat"], k=0.5) as run:
+        out = pipe(PROMPT, generator=_gen(), **kw).images
+    assert run.timestep_maps.shape == (4, 1, 4, 4)  # the 2x2-patch token grid
+    assert torch.all(run.timestep_maps[1:] <= run.timestep_maps[:-1])
+    assert np.isfinite(out).all() and not np.array_equal(out, dm)
+    assert np.array_equal(pipe(PROMPT, generator=_gen(), **kw).images, dm)

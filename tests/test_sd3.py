@@ -33,16 +33,6 @@ RUN = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np", max_sequ
 
 
 @pytest.fixture(scope="module")
-def sd3_components(tokenizer):
-    return dict(
-        transformer=tiny_transformer(), scheduler=flow_scheduler(), vae=tiny_sd3_vae(),
-        text_encoder=tiny_text_encoder(tokenizer, projection=True, seed=1), tokenizer=tokenizer,
-        text_encoder_2=tiny_text_encoder(tokenizer, projection=True, seed=2),
-        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
-    )
-
-
-@pytest.fixture(scope="module")
 def pipe(sd3_components):
     p = AsynDMSD3Pipeline(**sd3_components)
     p.set_progress_bar_config(disable=True)
