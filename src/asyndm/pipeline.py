@@ -144,7 +144,23 @@ _CALL_DOC = """Generate images with DM, DM_concave or AsynDM, through the parent
         """
 
 
-class AsynDMPipeline(_AsynDMCall, StableDiffusionPipeline):
+class _UNetCall(_AsynDMCall):
+    """``__call__`` of the SD and SDXL subclasses (whose parents take ``eta``)."""
+
+    @torch.no_grad()
+    def __call__(self, *args, subjects=None, k: float | Sequence[float] = 0.5,
+                 mode: str | None = None, curve: str = "quadratic", mask_mode: str = "dynamic",
+                 mask_threshold: float = 1.0, mask_level: int | None = None, callback=None,
+                 return_timestep_maps: bool = False, eta: float = 0.0, **kwargs):
+        kwargs["eta"] = eta  # named here so callers can see the DDIM pipelines take it
+        return self._asyndm_call(super().__call__, args, kwargs, subjects, k, mode, curve,
+                                 mask_mode, mask_threshold, mask_level, callback,
+                                 return_timestep_maps)
+
+    __call__.__doc__ = _CALL_DOC
+
+
+class AsynDMPipeline(_UNetCall, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` with asynchronous denoising.
 
     ``vae=None`` with a pixel-space UNet (``3 r^2`` channels, as the embedded model) uses a
@@ -178,31 +194,7 @@ class AsynDMPipeline(_AsynDMCall, StableDiffusionPipeline):
         if keep_clip:
             self.scheduler.register_to_config(clip_sample=True)
 
-    @torch.no_grad()
-    def __call__(self, *args, subjects=None, k: float | Sequence[float] = 0.5,
-                 mode: str | None = None, curve: str = "quadratic", mask_mode: str = "dynamic",
-                 mask_threshold: float = 1.0, mask_level: int | None = None, callback=None,
-                 return_timestep_maps: bool = False, eta: float = 0.0, **kwargs):
-        kwargs["eta"] = eta  # named here so callers can see the DDIM pipelines take it
-        return self._asyndm_call(super().__call__, args, kwargs, subjects, k, mode, curve,
-                                 mask_mode, mask_threshold, mask_level, callback,
-                                 return_timestep_maps)
 
-    __call__.__doc__ = _CALL_DOC
-
-
-class AsynDMXLPipeline(_AsynDMCall, StableDiffusionXLPipeline):
+class AsynDMXLPipeline(_UNetCall, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` with asynchronous denoising (any of its schedulers that
     AsynDM has a per-pixel version of; Euler, its default, included)."""
-
-    @torch.no_grad()
-    def __call__(self, *args, subjects=None, k: float | Sequence[float] = 0.5,
-                 mode: str | None = None, curve: str = "quadratic", mask_mode: str = "dynamic",
-                 mask_threshold: float = 1.0, mask_level: int | None = None, callback=None,
-                 return_timestep_maps: bool = False, eta: float = 0.0, **kwargs):
-        kwargs["eta"] = eta  # named here so callers can see the DDIM pipelines take it
-        return self._asyndm_call(super().__call__, args, kwargs, subjects, k, mode, curve,
-                                 mask_mode, mask_threshold, mask_level, callback,
-                                 return_timestep_maps)
-
-    __call__.__doc__ = _CALL_DOC

@@ -253,19 +253,26 @@ def _step_like(parent_step):
     return step
 
 
-class AsynDMDDIMScheduler(_PerPixelScheduler, DDIMScheduler):
-    """``DDIMScheduler`` with per-pixel timesteps (the paper's sampler, at any ``eta``)."""
-
-    step = _step_like(DDIMScheduler.step)
-
-    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput as _output_cls
+class _AlphaBarFamily(_PerPixelScheduler):
+    """Per-pixel alpha-bar for the DDIM and DDPM schedulers."""
 
     def _make_table(self, name: str) -> torch.Tensor:
         return self.alphas_cumprod
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Accepted so that img2img pipelines tell where they enter (plain DDIM ignores it)."""
+        """Accepted so that img2img pipelines tell where they enter (the parent has none)."""
         self._begin_index = begin_index
+
+    def _noise_to(self, x0, noise, t_map):
+        a = gather(self._table("alphas_cumprod", x0.device), t_map)  # (B, 1, h, w)
+        return (a**0.5 * x0 + (1 - a) ** 0.5 * noise).to(x0.dtype)
+
+
+class AsynDMDDIMScheduler(_AlphaBarFamily, DDIMScheduler):
+    """``DDIMScheduler`` with per-pixel timesteps (the paper's sampler, at any ``eta``)."""
+
+    step = _step_like(DDIMScheduler.step)
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput as _output_cls
 
     def _pixel_step(self, model_output, timestep, sample, st, nxt, t_map, t_next_map,
                     a: dict) -> StepOutput:
@@ -281,23 +288,12 @@ class AsynDMDDIMScheduler(_PerPixelScheduler, DDIMScheduler):
         return ddim_step(model_output, sample, alpha_bar(acp, t_map, final),
                          alpha_bar(acp, t_next_map, final), cfg, noise)
 
-    def _noise_to(self, x0, noise, t_map):
-        a = gather(self._table("alphas_cumprod", x0.device), t_map)  # (B, 1, h, w)
-        return (a**0.5 * x0 + (1 - a) ** 0.5 * noise).to(x0.dtype)
 
-
-class AsynDMDDPMScheduler(_PerPixelScheduler, DDPMScheduler):
+class AsynDMDDPMScheduler(_AlphaBarFamily, DDPMScheduler):
     """``DDPMScheduler`` (ancestral sampling) with per-pixel timesteps."""
 
     step = _step_like(DDPMScheduler.step)
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput as _output_cls
-
-    def _make_table(self, name: str) -> torch.Tensor:
-        return self.alphas_cumprod
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Accepted so that img2img pipelines tell where they enter (plain DDPM ignores it)."""
-        self._begin_index = begin_index
 
     def _pixel_step(self, model_output, timestep, sample, st, nxt, t_map, t_next_map,
                     a: dict) -> StepOutput:
@@ -310,8 +306,6 @@ class AsynDMDDPMScheduler(_PerPixelScheduler, DDPMScheduler):
         one = torch.ones((), device=sample.device)  # alpha-bar after the last step
         return ddpm_step(model_output, sample, alpha_bar(acp, t_map, one),
                          alpha_bar(acp, t_next_map, one), cfg, noise, self.config.variance_type)
-
-    _noise_to = AsynDMDDIMScheduler._noise_to
 
 
 class _EulerFamily(_PerPixelScheduler):
