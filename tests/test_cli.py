@@ -149,6 +149,7 @@ def test_help_and_argument_errors_import_no_torch():
 
     code = ("import sys\nfrom asyndm.cli import main\n"
             "for argv in (['--help'], ['generate', '--help'], ['bench', '--help'],\n"
+            "             ['report', '--help'], ['demo', '--steps', 'x'],\n"
             "             ['generate', '--steps', 'x']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n"

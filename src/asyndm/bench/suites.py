@@ -37,7 +37,6 @@ from typing import Any
 
 from ..shapes.suite import SUITES as SHAPES_SUITES
 from ..shapes.suite import load_suite as load_shapes_suite
-from ..subjects import paper_positions
 
 __all__ = ["BUILTIN_SUITES", "BenchEntry", "Suite", "SuiteError", "load_suite", "slug"]
 
@@ -171,6 +170,8 @@ def _read_json(path: Path) -> Any:
 def _paper_items(path: Path, prompts: list[str]) -> list[tuple[tuple[Subject, ...],
                                                                tuple[float, ...] | None]]:
     """Subjects and k of each prompt from ``<stem>_item.json``, or none without that file."""
+    from ..subjects import paper_positions  # imports torch: only for files that need it
+
     item_path = path.with_name(f"{path.stem}_item.json")
     if not item_path.is_file():
         return [((), None)] * len(prompts)
