@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,10 +184,12 @@ def test_a_mistake_is_one_line_and_writes_nothing(argv, pattern, model_dir, trap
     before = _snapshot(work)
     threads = torch.get_num_threads()
     args = [a.format(model=model_dir, work=work, traps=traps) for a in argv]
-    try:
-        code = main(args)
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = main(args)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
@@ -198,6 +201,7 @@ def test_a_mistake_is_one_line_and_writes_nothing(argv, pattern, model_dir, trap
               and line not in lines and not line.startswith(("usage:", " "))
               and not re.search(r"(it/s|s/it)\]$", line)]
     assert not others, others
+    assert not [str(w.message) for w in caught]  # what a user would see printed
     assert re.search(pattern, lines[0]), lines[0]
     assert _snapshot(work) == before
     assert torch.get_num_threads() == threads

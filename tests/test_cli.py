@@ -158,3 +158,22 @@ def test_help_and_argument_errors_import_no_torch():
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "usage: asyndm generate" in res.stdout
+
+
+def test_a_cached_hub_id_gets_its_own_pipeline_class_without_the_network(tmp_path,
+                                                                          monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from asyndm.loading import _pipeline_class
+    from asyndm.pipeline import AsynDMXLPipeline
+
+    repo = tmp_path / "models--someone--tiny-xl"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    assert _pipeline_class("someone/tiny-xl") is AsynDMXLPipeline
+    assert _pipeline_class("someone/not-cached") is AsynDMPipeline  # from_pretrained decides

@@ -7,6 +7,7 @@ Without ``--model`` the embedded ShapesBench model shipped inside the package is
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +42,9 @@ def default_guidance(model: str | Path | None) -> float:
 
 
 def _pipeline_class(model: str):
+    """The AsynDM pipeline for ``model``'s ``model_index.json``: a folder's, or a hub id's
+    from the local cache (never the network: offline its retries take half a minute);
+    without either, Stable Diffusion's."""
     index = Path(model) / "model_index.json"
     name = "StableDiffusionPipeline"
     if index.is_file():
@@ -48,6 +52,21 @@ def _pipeline_class(model: str):
             name = json.loads(index.read_text()).get("_class_name", name)
         except (json.JSONDecodeError, AttributeError) as err:
             raise ValueError(f"{index}: not a valid model_index.json ({err})") from err
+    elif not Path(model).exists():
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        before = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():  # diffusers passes hf_hub_download a retired option
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+                config = DiffusionPipeline.load_config(model, local_files_only=True)
+            name = config.get("_class_name", name)
+        except (OSError, ValueError):
+            pass
+        finally:
+            diffusers_logging.set_verbosity(before)
     if "StableDiffusion3" in name:
         from .pipeline_sd3 import AsynDMSD3Pipeline
 
