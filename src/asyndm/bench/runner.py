@@ -402,7 +402,7 @@ def run_bench(config: BenchConfig, *, pipe=None, progress: bool = True) -> Bench
         generated = 0
         # under accelerate launch the processes share a terminal: the first one reports
         show = progress and (index == 0 or config.shard is not None)
-        bar = tqdm(total=total, initial=before, unit="img", disable=not show,
+        bar = tqdm(total=total, initial=before, unit="image", disable=not show,
                    desc=f"bench {suite.name}" + (f" [{index + 1}/{count}]" if count > 1 else ""),
                    file=sys.stderr, dynamic_ncols=True)
         with bar:
@@ -411,6 +411,7 @@ def run_bench(config: BenchConfig, *, pipe=None, progress: bool = True) -> Bench
                     todo = [s for s in batch if (entry.prompt_id, s, v.name) not in done]
                     if not todo:
                         continue
+                    bar.set_postfix_str(f"{v.name}: {entry.prompt[:40]}", refresh=False)
                     worker.run(entry, v, todo)
                     done.update((entry.prompt_id, s, v.name) for s in todo)
                     generated += len(todo)
