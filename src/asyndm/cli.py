@@ -244,7 +244,8 @@ def run_parsed(args: argparse.Namespace) -> int:
         print(f"asyndm {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"asyndm {args.command}: interrupted", file=sys.stderr)
+        resume = "; run it again to resume" if args.command == "bench" else ""
+        print(f"asyndm {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
 
 
