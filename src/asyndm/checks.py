@@ -72,7 +72,8 @@ def check_subjects(subjects, k) -> None:
 def check_call_kwargs(pipe, kwargs: dict) -> None:
     """The parent-pipeline arguments a caller most often gets wrong (see module docstring)."""
     steps = kwargs.get("num_inference_steps", 1)
-    if not (_whole(steps) and steps >= 1):
+    custom = kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None
+    if not (_whole(steps) and steps >= 1) and not (steps is None and custom):
         raise ValueError(f"num_inference_steps must be a whole number >= 1, got {steps!r}")
     per_prompt = kwargs.get("num_images_per_prompt", 1)
     if not (_whole(per_prompt) and per_prompt >= 1):

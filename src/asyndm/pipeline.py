@@ -13,9 +13,11 @@ restored) whose step-averaged attention gives the regions, then the AsynDM run.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -144,23 +146,45 @@ _CALL_DOC = """Generate images with DM, DM_concave or AsynDM, through the parent
         """
 
 
-class _UNetCall(_AsynDMCall):
-    """``__call__`` of the SD and SDXL subclasses (whose parents take ``eta``)."""
+def asyndm_call(parent: type, level_name: str = "mask_level") -> Callable:
+    """A subclass's ``__call__``: the AsynDM keywords, then ``parent.__call__`` itself.
+
+    Its signature is the parent's with the AsynDM keywords added (keyword only), so that
+    ``inspect.signature`` -- which diffusers uses, e.g. to decide what to pass to a
+    pipeline -- sees every argument the parent takes.
+    """
+    parent_call = parent.__call__
 
     @torch.no_grad()
-    def __call__(self, *args, subjects=None, k: float | Sequence[float] = 0.5,
-                 mode: str | None = None, curve: str = "quadratic", mask_mode: str = "dynamic",
-                 mask_threshold: float = 1.0, mask_level: int | None = None, callback=None,
-                 return_timestep_maps: bool = False, eta: float = 0.0, **kwargs):
-        kwargs["eta"] = eta  # named here so callers can see the DDIM pipelines take it
-        return self._asyndm_call(super().__call__, args, kwargs, subjects, k, mode, curve,
-                                 mask_mode, mask_threshold, mask_level, callback,
+    def __call__(self, *args, subjects=None, k=0.5, mode=None, curve="quadratic",
+                 mask_mode="dynamic", mask_threshold=1.0, callback=None,
+                 return_timestep_maps=False, **kwargs):
+        level = kwargs.pop(level_name, None)
+        if level is not None and not isinstance(level, int):
+            level = tuple(level)  # SD3: block indices
+        return self._asyndm_call(partial(parent_call, self), args, kwargs, subjects, k, mode,
+                                 curve, mask_mode, mask_threshold, level, callback,
                                  return_timestep_maps)
 
+    kw = inspect.Parameter.KEYWORD_ONLY
+    ours = [inspect.Parameter(name, kw, default=default, annotation=annotation)
+            for name, default, annotation in (
+                ("subjects", None, "Sequence[SubjectSpec] | None"),
+                ("k", 0.5, "float | Sequence[float]"), ("mode", None, "str | None"),
+                ("curve", "quadratic", "str"), ("mask_mode", "dynamic", "str"),
+                ("mask_threshold", 1.0, "float"),
+                (level_name, None, "int | Sequence[int] | None"),
+                ("callback", None, "Callable[[StepRecord], None] | None"),
+                ("return_timestep_maps", False, "bool"))]
+    params = list(inspect.signature(parent_call).parameters.values())
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    __call__.__signature__ = inspect.Signature([*rest, *ours, *var_kw])
     __call__.__doc__ = _CALL_DOC
+    return __call__
 
 
-class AsynDMPipeline(_UNetCall, StableDiffusionPipeline):
+class AsynDMPipeline(_AsynDMCall, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` with asynchronous denoising.
 
     ``vae=None`` with a pixel-space UNet (``3 r^2`` channels, as the embedded model) uses a
@@ -194,7 +218,11 @@ class AsynDMPipeline(_UNetCall, StableDiffusionPipeline):
         if keep_clip:
             self.scheduler.register_to_config(clip_sample=True)
 
+    __call__ = asyndm_call(StableDiffusionPipeline)
 
-class AsynDMXLPipeline(_UNetCall, StableDiffusionXLPipeline):
+
+class AsynDMXLPipeline(_AsynDMCall, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` with asynchronous denoising (any of its schedulers that
     AsynDM has a per-pixel version of; Euler, its default, included)."""
+
+    __call__ = asyndm_call(StableDiffusionXLPipeline)

@@ -15,12 +15,9 @@ per image token (a ``2 x 2`` latent patch), so ``masks`` and ``timestep_maps`` a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
 from diffusers import StableDiffusion3Pipeline
 
-from .pipeline import _CALL_DOC, AsynDMPipelineOutput, _AsynDMCall
+from .pipeline import _CALL_DOC, AsynDMPipelineOutput, _AsynDMCall, asyndm_call
 
 __all__ = ["AsynDMPipelineOutput", "AsynDMSD3Pipeline"]
 
@@ -28,16 +25,7 @@ __all__ = ["AsynDMPipelineOutput", "AsynDMSD3Pipeline"]
 class AsynDMSD3Pipeline(_AsynDMCall, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` with asynchronous denoising per image token."""
 
-    @torch.no_grad()
-    def __call__(self, *args, subjects=None, k: float | Sequence[float] = 0.5,
-                 mode: str | None = None, curve: str = "quadratic", mask_mode: str = "dynamic",
-                 mask_threshold: float = 1.0, mask_layers: Sequence[int] | None = None,
-                 callback=None, return_timestep_maps: bool = False, **kwargs):
-        layers = tuple(mask_layers) if mask_layers else None
-        return self._asyndm_call(super().__call__, args, kwargs, subjects, k, mode, curve,
-                                 mask_mode, mask_threshold, layers, callback,
-                                 return_timestep_maps)
-
+    __call__ = asyndm_call(StableDiffusion3Pipeline, level_name="mask_layers")
     __call__.__doc__ = _CALL_DOC.replace(
         "mask_level: override of the attention level the masks are read at.",
         "mask_layers: transformer blocks the masks are read from (default: middle third).")
