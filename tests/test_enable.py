@@ -334,3 +334,26 @@ def test_enable_on_a_stock_sd3_pipeline(sd3_components):
     assert torch.all(run.timestep_maps[1:] <= run.timestep_maps[:-1])
     assert np.isfinite(out).all() and not np.array_equal(out, dm)
     assert np.array_equal(pipe(PROMPT, generator=_gen(), **kw).images, dm)
+
+
+def test_the_parents_safety_checker_runs_in_asyndm_mode(sd_components):
+    """Defect 5: decoding and post-processing are the parent's (here: its safety checker)."""
+    from transformers import CLIPImageProcessor
+
+    class FlagEverything(torch.nn.Module):  # a stand-in checker: flags every image
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        device = property(lambda self: self.anchor.device)  # what diffusers reads
+        dtype = property(lambda self: self.anchor.dtype)
+
+        def forward(self, images, clip_input):
+            return images, [True] * len(images)
+
+    comps = {**sd_components, "safety_checker": FlagEverything(),
+             "feature_extractor": CLIPImageProcessor(crop_size=32, size=32)}
+    pipe = _quiet(AsynDMPipeline(**comps, requires_safety_checker=True))
+    out = pipe(PROMPT, subjects=["cat"], num_inference_steps=2, output_type="np",
+               generator=_gen())
+    assert out.nsfw_content_detected == [True] and out.mode == "asyndm"
