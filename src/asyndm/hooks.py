@@ -32,6 +32,7 @@ from .adapters.unet import PerPixelTimestep
 from .checks import check_options, check_subjects
 from .sampler import StepRecord
 from .schedulers import AsynRun, per_pixel_scheduler
+from .regions import load_mask, region_subjects
 from .subjects import ResolvedSubject, SubjectSpec, batch_subjects, resolve_subjects
 
 
@@ -155,6 +156,10 @@ class AsynDMHooks:
 
     def _resolve(self, prompt, n_per_prompt: int, embeds: torch.Tensor) -> None:
         run, specs = self.run, self.specs
+        if run.region_mask is not None:  # the user's regions: one k each, no tokens
+            run.subjects = region_subjects(self.k, int(run.region_mask.max()), embeds.shape[0],
+                                           embeds.device)
+            return
         if not specs:
             if run.mode != "dm":
                 raise ValueError(f"mode {run.mode!r} needs subjects (words of the prompt, "
@@ -266,6 +271,7 @@ def enable(
     mask_threshold: float = 1.0,
     mask_level: int | None = None,
     callback: Callable[[StepRecord], None] | None = None,
+    region_mask=None,
 ) -> Iterator[AsynDMSession]:
     """Sample with AsynDM inside ``pipe``'s own ``__call__`` while the block runs.
 
@@ -287,13 +293,24 @@ def enable(
         mask_threshold: multiple of the spatial mean that claims a pixel.
         mask_level: override of the attention level the masks are read at.
         callback: called with a :class:`~asyndm.sampler.StepRecord` after every step.
+        region_mask: a user's mask (a path, PIL image or array; see :mod:`asyndm.regions`)
+            whose regions lag instead of the subjects' (repair, editing); ``k`` is then one
+            value or one per region, and ``subjects`` is not given.
     """
     check_options(mode, curve, mask_mode, mask_threshold)
     check_subjects(subjects, k)
+    regions = None
+    if region_mask is not None:
+        if subjects:
+            raise ValueError("give subjects (attention masks) or region_mask, not both")
+        regions = torch.as_tensor(load_mask(region_mask))  # (H, W) region numbers
+        if int(regions.max()) == 0:  # no region: plain sampling
+            mode, regions = "dm", None
     if mask_mode == "static":
         raise ValueError("mask_mode='static' needs a DM pre-run of the same seed: use "
                          "AsynDMPipeline / AsynDMXLPipeline (mask_mode='static') instead")
     run = AsynRun(mode=mode, curve=curve, mask_threshold=float(mask_threshold),
-                  capture=mode == "asyndm", callback=callback)
+                  capture=mode == "asyndm" and regions is None, callback=callback,
+                  region_mask=regions)
     with AsynDMHooks(pipe, run, subjects, k, mask_level):
         yield AsynDMSession(run)

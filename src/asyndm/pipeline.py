@@ -32,6 +32,7 @@ from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
 from .checks import check_call_kwargs, check_options, check_subjects
 from .hooks import AsynDMHooks
 from .pixel_vae import PixelShuffleVAE
+from .regions import load_mask
 from .sampler import StepRecord, static_labels_from_attention
 from .schedulers import AsynRun
 from .subjects import SubjectSpec
@@ -82,12 +83,20 @@ class _AsynDMCall:
         mask_level: int | None,
         callback: Callable[[StepRecord], None] | None,
         return_timestep_maps: bool,
+        region_mask=None,
     ):
         # 1. what a user can get wrong, before any model work
         if mode is None:
-            mode = "asyndm" if subjects else "dm"
+            mode = "asyndm" if subjects or region_mask is not None else "dm"
         check_options(mode, curve, mask_mode, mask_threshold)
         check_subjects(subjects, k)
+        regions = None
+        if region_mask is not None:
+            if subjects:
+                raise ValueError("give subjects (attention masks) or region_mask, not both")
+            regions = torch.as_tensor(load_mask(region_mask))  # (H, W) region numbers
+            if int(regions.max()) == 0:  # no region: plain sampling (the DM image)
+                mode, regions = "dm", None
         check_call_kwargs(self, kwargs)
         if getattr(self, "vae", None) is None and kwargs.get("output_type", "pil") != "latent":
             raise ValueError("this pipeline has no VAE: pass output_type='latent' or set pipe.vae")
@@ -100,7 +109,7 @@ class _AsynDMCall:
                 nsfw_content_detected=getattr(out, "nsfw_content_detected", None))
         static = None
         # 2. static masks: a DM run of the same seed, attention averaged over its steps
-        if mode == "asyndm" and mask_mode == "static":
+        if mode == "asyndm" and mask_mode == "static" and regions is None:
             states = _generator_states(kwargs.get("generator"))
             pre = AsynRun(mode="dm", curve=curve, capture=True, keep_records=False)
             with AsynDMHooks(self, pre, subjects, k, mask_level):
@@ -112,8 +121,9 @@ class _AsynDMCall:
                                                   mask_threshold)
         # 3. the run itself, through the parent's own __call__
         run = AsynRun(mode=mode, curve=curve, mask_threshold=float(mask_threshold),
-                      static_labels=static, capture=mode == "asyndm" and static is None,
-                      callback=callback, keep_records=return_timestep_maps)
+                      static_labels=static, region_mask=regions, callback=callback,
+                      capture=mode == "asyndm" and static is None and regions is None,
+                      keep_records=return_timestep_maps)
         with AsynDMHooks(self, run, subjects, k, mask_level):
             out = parent_call(*args, **kwargs)
         if not kwargs.get("return_dict", True):
@@ -140,6 +150,9 @@ _CALL_DOC = """Generate images with DM, DM_concave or AsynDM, through the parent
             mask_level: override of the attention level the masks are read at.
             callback: called with an :class:`asyndm.sampler.StepRecord` after every step.
             return_timestep_maps: also return ``(N, B, h, w)`` timestep and label maps.
+            region_mask: a user's mask (path, PIL image or array, :mod:`asyndm.regions`)
+                whose regions lag instead of the subjects' (repair with the same seed,
+                editing with a new prompt); ``k`` is one value or one per region.
 
         The scheduler may be DDIM (the paper's sampler; ``eta=1.0`` is the paper's setting,
         ``0.0`` the parent's default), Euler or Euler-ancestral.
@@ -158,13 +171,13 @@ def asyndm_call(parent: type, level_name: str = "mask_level") -> Callable:
     @torch.no_grad()
     def __call__(self, *args, subjects=None, k=0.5, mode=None, curve="quadratic",
                  mask_mode="dynamic", mask_threshold=1.0, callback=None,
-                 return_timestep_maps=False, **kwargs):
+                 return_timestep_maps=False, region_mask=None, **kwargs):
         level = kwargs.pop(level_name, None)
         if level is not None and not isinstance(level, int):
             level = tuple(level)  # SD3: block indices
         return self._asyndm_call(partial(parent_call, self), args, kwargs, subjects, k, mode,
                                  curve, mask_mode, mask_threshold, level, callback,
-                                 return_timestep_maps)
+                                 return_timestep_maps, region_mask)
 
     kw = inspect.Parameter.KEYWORD_ONLY
     ours = [inspect.Parameter(name, kw, default=default, annotation=annotation)
@@ -175,7 +188,7 @@ def asyndm_call(parent: type, level_name: str = "mask_level") -> Callable:
                 ("mask_threshold", 1.0, "float"),
                 (level_name, None, "int | Sequence[int] | None"),
                 ("callback", None, "Callable[[StepRecord], None] | None"),
-                ("return_timestep_maps", False, "bool"))]
+                ("return_timestep_maps", False, "bool"), ("region_mask", None, "Any"))]
     params = list(inspect.signature(parent_call).parameters.values())
     var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
     rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]

@@ -32,6 +32,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSched
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
+from .regions import mask_regions
 from .sampler import StepRecord
 from .schedules import SchedulePlan
 from .state import (PixelState, Subjects, after_step, begin, ladder_flags, next_timestep_map,
@@ -54,6 +55,8 @@ class AsynRun:
         callback: called with a :class:`~asyndm.sampler.StepRecord` after every step.
         keep_records: keep every step's record (for timestep maps and masks).
         patch_size: latent pixels per state in each direction (SD3: 2, a token's patch).
+        region_mask: a user's ``(H, W)`` region numbers (:func:`asyndm.regions.load_mask`),
+            the regions of every step instead of attention masks (repair, editing).
         plan, pixels: the run's plan and the state of the current step (``None`` until
             the first step, reset by ``set_timesteps``).
         entered: the samples were noised onto the ladder before the first step (img2img).
@@ -71,6 +74,7 @@ class AsynRun:
     callback: Callable[[StepRecord], None] | None = None
     keep_records: bool = True
     patch_size: int = 1
+    region_mask: torch.Tensor | None = None
     plan: SchedulePlan | None = None
     pixels: PixelState | None = None
     entered: bool = False
@@ -141,6 +145,9 @@ class _PerPixelScheduler:
                                  f"samples, the pipeline samples {bsz}")
             p = run.patch_size
             grid = (bsz, sample.shape[-2] // p, sample.shape[-1] // p)
+            if run.region_mask is not None:  # the user's regions, on this grid
+                labels = mask_regions(run.region_mask, grid[1:]).to(sample.device)
+                run.static_labels = labels.expand(bsz, -1, -1).clone()  # (B, h, w)
             run.pixels = begin(run.plan, run.mode, run.subjects, grid, sample.device,
                                run.static_labels, run.entered or not run.plan.integer_states)
         return run.pixels
