@@ -67,3 +67,31 @@ def test_embedded_model_draws_what_single_object_prompts_ask():
     exact = [score((img * 255).round().astype(np.uint8), parse_prompt(p)).correct
              for img, p in zip(out.images, batch)]
     assert sum(exact) >= 12, exact
+
+
+def test_commands_on_the_embedded_model_print_no_foreign_notices(tmp_path, capsys):
+    import io
+    import re
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers' handler keeps the stderr of its creation: read what it writes here instead
+    logged = io.StringIO()
+    handlers = diffusers_logging.get_logger().handlers
+    streams = [h.setStream(logged) for h in handlers]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["generate", "--prompt", "a red circle", "--mode", "dm", "--steps",
+                         "2", "--out", str(tmp_path / "g")]) == 0
+    finally:
+        for h, stream in zip(handlers, streams):
+            h.setStream(stream)
+    assert logged.getvalue() == ""
+    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)
+    lines = [x for x in re.split(r"[\r\n]", err) if x.strip()]
+    assert all(re.search(r"(it/s|s/it)\]\s*$", x) for x in lines), lines  # progress bars only
+    assert not [str(w.message)[:200] for w in caught]
+    # the hidden clip_sample notice is true for SD checkpoints, not here: clipping stays on
+    assert load_pipeline(None, progress=False).scheduler.config.clip_sample is True

@@ -123,15 +123,46 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
 
 
+class _DropPixelVAENotice:
+    """diffusers notes that a pixel-space folder's VAE is not an ``AutoencoderKL``; it is
+    ``asyndm.PixelShuffleVAE`` on purpose."""
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Expected types for vae") and "PixelShuffleVAE" in text)
+
+
+def _pixel_space(path: str) -> bool:
+    index = Path(path) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("vae", [None])[-1] == "PixelShuffleVAE"
+    except (OSError, ValueError, AttributeError, IndexError, TypeError):
+        return False
+
+
 def _from_pretrained(cls, path: str, dtype: torch.dtype, local: bool):
-    """``cls.from_pretrained`` with safetensors only; loading failures as one ``ValueError``."""
+    """``cls.from_pretrained`` with safetensors only; loading failures as one ``ValueError``.
+
+    For a pixel-space folder (the embedded model) diffusers' two notices about it are
+    hidden: its VAE type, and ``clip_sample`` being turned off, which the AsynDM pipelines
+    turn back on for pixel-space models (they are trained with x0 clipping).
+    """
     from diffusers.utils import logging as diffusers_logging
 
     before = diffusers_logging.get_verbosity()
     if not local:  # the hub's retry notices would only repeat the one-line error below
         diffusers_logging.set_verbosity_error()
+    handlers = diffusers_logging.get_logger().handlers
+    notice = _DropPixelVAENotice()
+    pixel = local and _pixel_space(path)
     try:
-        return cls.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        with warnings.catch_warnings():
+            if pixel:
+                warnings.filterwarnings("ignore", message=r"(?s).*has not set the "
+                                        "configuration `clip_sample`", category=FutureWarning)
+                for h in handlers:
+                    h.addFilter(notice)
+            return cls.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except OSError as err:
         reason = " ".join(str(err).split())
         if len(reason) > 240:
@@ -143,6 +174,8 @@ def _from_pretrained(cls, path: str, dtype: torch.dtype, local: bool):
             f"Face hub (no network, no cached copy, or no such model: {reason}); download it "
             f"first (huggingface-cli download {path}) or pass --model DIR") from None
     finally:
+        for h in handlers:
+            h.removeFilter(notice)
         diffusers_logging.set_verbosity(before)
 
 
