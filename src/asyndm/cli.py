@@ -182,6 +182,27 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_report_cli)
 
 
+def _add_repair(p: argparse.ArgumentParser) -> None:
+    from .repair_cli import add_repair_arguments, run_repair
+
+    add_repair_arguments(p)
+    p.set_defaults(func=run_repair)
+
+
+def _add_edit(p: argparse.ArgumentParser) -> None:
+    from .repair_cli import add_repair_arguments, run_repair
+
+    add_repair_arguments(p, edit=True)
+    p.set_defaults(func=lambda args: run_repair(args, edit=True))
+
+
+def _add_repair_bench(p: argparse.ArgumentParser) -> None:
+    from .repair_cli import add_bench_arguments, run_repair_bench_cli
+
+    add_bench_arguments(p)
+    p.set_defaults(func=run_repair_bench_cli)
+
+
 _EXAMPLES = {
     "generate": "example:\n  asyndm generate "
                 "--prompt 'a red circle to the left of a blue square' \\\n"
@@ -193,6 +214,11 @@ _EXAMPLES = {
                "--out out/compare",
     "schedule": "example:\n  asyndm schedule --curve quadratic --k 0.5 --steps 50 --json",
     "demo": "example:\n  asyndm demo --out out/demo",
+    "repair": "example:\n  asyndm repair --prompt 'a red circle' --seed 3 --mask mask.png "
+              "--out out/repair",
+    "edit": "example:\n  asyndm edit --source-prompt 'a red circle' --prompt 'a blue circle' "
+            "--seed 3 --mask mask.png --out out/edit",
+    "repair-bench": "example:\n  asyndm repair-bench --seeds 2 --out runs/repair",
 }
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
@@ -203,6 +229,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "train-shapes": ("train the embedded ShapesBench model", _add_train),
     "bench": ("benchmark modes/variants on a prompt suite", _add_bench),
     "report": ("report.md, results.csv and plots of a bench run", _add_report),
+    "repair": ("redraw a masked region of a generated image (same seed)", _add_repair),
+    "edit": ("redraw a masked region with a new prompt (same seed)", _add_edit),
+    "repair-bench": ("repair benchmark: wrong DM images, their offending objects masked",
+                     _add_repair_bench),
 }
 
 

@@ -77,6 +77,8 @@ class DetectedObject:
     area: float
     quad: float = field(default=0.0, compare=False)  # shape features, see the module doc
     skew: float = field(default=0.0, compare=False)
+    region: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """``(H, W)`` bool: the image pixels the object owns (its segment and a ring around it)."""
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ def _detect(img: np.ndarray) -> tuple[list[DetectedObject], np.ndarray]:
         centroid = (float((alpha * xs).sum() / mass * scale),
                     float((alpha * ys).sum() / mass * scale))
         found.append(DetectedObject(shape, tuple(COLOURS)[c], centroid,
-                                    float(mass * scale ** 2), quad, skew))
+                                    float(mass * scale ** 2), quad, skew, region))
     return found, clear
 
 
@@ -345,7 +347,7 @@ def _best_pair(pix: np.ndarray) -> tuple[str, str]:
     return best
 
 
-def _matches(obj: DetectedObject, shape: str, colour: str | None) -> bool:
+def matches(obj: DetectedObject, shape: str, colour: str | None) -> bool:
     return obj.shape == shape and (colour is None or obj.colour == colour)
 
 
@@ -356,7 +358,7 @@ def score(image: Any, spec: PromptSpec) -> ScoreResult:
     checks: dict[str, bool] = {}
     groups = []
     for i, want in enumerate(spec.objects):
-        group = [o for o in found if _matches(o, want.shape, want.colour)]
+        group = [o for o in found if matches(o, want.shape, want.colour)]
         checks[f"object{i}"] = len(group) == want.count
         groups.append(group)
     checks["no_extra"] = len(found) == sum(o.count for o in spec.objects)
