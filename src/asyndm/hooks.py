@@ -5,10 +5,12 @@ else (every one undone on exit):
 
 1. its scheduler is swapped for the per-pixel version (:mod:`asyndm.schedulers`), which
    holds the run's state (:class:`~asyndm.schedulers.AsynRun`);
-2. forward(-pre) hooks on the UNet (and a ControlNet) hand the model that state's timestep
-   map instead of the scalar timestep, through :class:`~asyndm.adapters.unet.PerPixelTimestep`,
-   and capture the subject attention of the conditional rows (processors of
-   :mod:`asyndm.adapters.attention`) into the state;
+2. forward(-pre) hooks on the UNet (and a ControlNet) or SD3's transformer hand the model
+   that state's timestep map instead of the scalar timestep, through
+   :class:`~asyndm.adapters.unet.PerPixelTimestep` (SD3:
+   :class:`~asyndm.adapters.sd3.PerTokenTimestep`), and capture the subject attention of
+   the conditional rows (processors of :mod:`asyndm.adapters.attention`) into the state
+   (a user's ``region_mask`` replaces the attention masks);
 3. the pipeline's ``encode_prompt`` is wrapped (an instance attribute) so that subject
    words are resolved against the prompt the pipeline was called with, by its tokenizer.
 
@@ -30,9 +32,9 @@ from .adapters.attention import AttentionCapture
 from .adapters.sd3 import JointAttentionCapture, PerTokenTimestep
 from .adapters.unet import PerPixelTimestep
 from .checks import check_options, check_subjects
+from .regions import load_mask, region_subjects
 from .sampler import StepRecord
 from .schedulers import AsynRun, per_pixel_scheduler
-from .regions import load_mask, region_subjects
 from .subjects import ResolvedSubject, SubjectSpec, batch_subjects, resolve_subjects
 
 
@@ -66,7 +68,7 @@ class AsynDMHooks:
 
     Args:
         pipe: a diffusers pipeline with a ``unet`` (SD 1.x / 2.x, SDXL and their img2img,
-            inpainting, ControlNet and PAG pipelines).
+            inpainting, ControlNet and PAG pipelines) or an SD3 ``transformer``.
         run: the run state the scheduler and hooks share.
         subjects: subject words / token positions (one list, or one list per prompt).
         k: one strength or one per subject.
