@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 from diffusers import (AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
                           CLIPVisionModelWithProjection)
 
@@ -41,19 +40,17 @@ __all__ = ["AsynDMPipeline", "AsynDMPipelineOutput", "AsynDMXLPipeline"]
 
 
 @dataclass
-class AsynDMPipelineOutput(BaseOutput):
-    """The parent's images (and safety flags) plus the run's masks and timestep maps."""
+class AsynDMPipelineOutput(StableDiffusionPipelineOutput):
+    """The parent's output (``images``, then ``nsfw_content_detected``, as in
+    ``StableDiffusionPipelineOutput``) plus the run's mode, masks and timestep maps."""
 
-    images: list | np.ndarray | torch.Tensor
-    mode: str
+    mode: str = "dm"
     masks: torch.Tensor | None = None
     """``(B, h, w)`` region labels of the last transition (``-1`` background)."""
     timestep_maps: torch.Tensor | None = None
     """``(N, B, h, w)`` int64 timestep map of every step (``return_timestep_maps=True``)."""
     label_maps: torch.Tensor | None = None
     """``(N, B, h, w)`` region labels used at every step (``return_timestep_maps=True``)."""
-    nsfw_content_detected: list[bool] | None = None
-    """The parent's safety-checker flags (SD; ``None`` without a safety checker)."""
 
 
 def _generator_states(generator) -> list | None:
