@@ -160,9 +160,32 @@ def run_repair_bench_cli(args) -> int:
     summary = summarise(rows)
     out = Path(args.out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    examples_grid(rows, out).save(out / "examples.png")
     (out / "report.md").write_text(report_markdown(summary, rows, cfg, args))
     print(out / "report.md")
     return 0
+
+
+def examples_grid(rows: list[dict], out: Path, n: int = 6):
+    """The first ``n`` repaired cases (in run order, not picked), each method's verdict."""
+    from PIL import Image
+
+    from .viz import comparison_grid
+
+    cases = [r for r in rows if r["status"] == "repaired"][:n]
+    grid_rows, captions = [], []
+    for r in cases:
+        with Image.open(out / r["image"]) as strip:
+            w = strip.height
+            grid_rows.append([strip.crop((i * w, 0, (i + 1) * w, w)).copy()
+                              for i in range(strip.width // w)])
+        captions.append(["", "", *("fixed" if r[f"{m}_fixed"] else "still wrong"
+                                   for m in REPAIR_METHODS)])
+    titles = ["before (DM)", "mask", *(_CAPTIONS[m] for m in REPAIR_METHODS)]
+    return comparison_grid(grid_rows, titles, [f"{r['prompt']} (seed {r['seed']})"
+                                               for r in cases], cell=128, captions=captions,
+                           header="The first repaired cases of the run, with the exact "
+                                  "scorer's verdict on each redraw")
 
 
 def report_markdown(summary: dict, rows: list[dict], cfg, args) -> str:
@@ -190,5 +213,5 @@ def report_markdown(summary: dict, rows: list[dict], cfg, args) -> str:
         lines.append(f"| asyndm - {other} | {d['mean']:+.1%} | "
                      f"{d['ci'][0]:+.1%} - {d['ci'][1]:+.1%} |")
     lines += ["", "Each case's strip (before, mask, asyndm, inpaint, reseed) is in "
-              "`images/`, listed in `rows.jsonl`.", ""]
+              "`images/`, listed in `rows.jsonl`; `examples.png` shows the first cases.", ""]
     return "\n".join(lines)
