@@ -111,7 +111,7 @@ def sample(
         # 2. the next state of every pixel, from this transition's regions
         nxt = step_states(plan, st)
         nxt_flags = ladder_flags(plan, i + 1, nxt)
-        t_map, t_next_map = st.timestep_map(), next_timestep_map(plan, st, nxt)
+        t_map, t_next_map = st.timestep_map(), next_timestep_map(plan, st, nxt, nxt_flags[2])
         # a grid on the ladder takes 0-d timesteps, as diffusers passes them
         t = t_map if st.lagging else torch.tensor(plan.timesteps[i], device=device)
         t_next = t_next_map if nxt_flags[0] else torch.tensor(

@@ -107,6 +107,9 @@ class AsynRun:
         return self.pixels.labels if self.pixels is not None else None
 
 
+_STEP_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
 class _PerPixelScheduler:
     """The per-pixel part shared by the AsynDM schedulers (a mixin before the parent)."""
 
@@ -164,9 +167,11 @@ class _PerPixelScheduler:
         return SchedulePlan(curve, tuple(int(t) for t in ladder), int(cfg.num_train_timesteps),
                             int(getattr(cfg, "steps_offset", 0)))
 
-    def asyndm_maps(self, st: PixelState, nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, h, w)`` timesteps the model sees at this step and after it (``-1``: clean)."""
-        return st.timestep_map(), next_timestep_map(self.asyndm_run.plan, st, nxt)
+    def asyndm_maps(self, st: PixelState, nxt: torch.Tensor,
+                    rounded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, h, w)`` timesteps the model sees at this step and after it (``-1``: clean);
+        ``rounded``: ``nxt`` rounded already."""
+        return st.timestep_map(), next_timestep_map(self.asyndm_run.plan, st, nxt, rounded)
 
     def _table(self, name: str, device: torch.device) -> torch.Tensor:
         """A per-timestep table (float32) on ``device``, made once per device."""
@@ -181,8 +186,10 @@ class _PerPixelScheduler:
         run = self.asyndm_run
         if run is None:
             return super().step(model_output, timestep, sample, *args, **kwargs)
-        bound = inspect.signature(super().step).bind(model_output, timestep, sample, *args,
-                                                     **kwargs)
+        signature = _STEP_SIGNATURES.get(type(self))
+        if signature is None:  # the parent's step, read once per class (a per-step cost)
+            signature = _STEP_SIGNATURES.setdefault(type(self), inspect.signature(super().step))
+        bound = signature.bind(model_output, timestep, sample, *args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
         st = self.asyndm_pixels(sample, timestep, sample.shape[0])
@@ -190,7 +197,7 @@ class _PerPixelScheduler:
         # 1. every pixel's next state; 2. the step, the parent's own while no pixel lags
         nxt = step_states(plan, st)
         nxt_flags = ladder_flags(plan, st.step + 1, nxt)
-        t_map, t_next_map = self.asyndm_maps(st, nxt)
+        t_map, t_next_map = self.asyndm_maps(st, nxt, nxt_flags[2])
         if st.lagging or nxt_flags[0]:
             res = self._pixel_step(model_output, timestep, sample, st, nxt, t_map, t_next_map, a)
         else:

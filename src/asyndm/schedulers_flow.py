@@ -32,7 +32,7 @@ class AsynDMFlowMatchEulerScheduler(_PerPixelScheduler, FlowMatchEulerDiscreteSc
         return FlowPlan.from_sigmas(self.sigmas[start:], self.timesteps[start:], curve,
                                     int(self.config.num_train_timesteps))
 
-    def asyndm_maps(self, st: PixelState, nxt: torch.Tensor):
+    def asyndm_maps(self, st: PixelState, nxt: torch.Tensor, rounded=None):
         """Float ``(B, h, w)`` token maps of network timesteps (``sigma * T``; ``0`` = clean)."""
         plan = self.asyndm_run.plan
         return plan.lookup(st.state)[1], plan.lookup(nxt)[1]

@@ -86,10 +86,12 @@ class PixelState:
     k_values: tuple[float, ...]
     lagging: bool
     uniform: float | None = None
+    rounded: torch.Tensor | None = None
+    """``(B, h, w)`` int64 rounded states, when :func:`ladder_flags` made them already."""
 
     def timestep_map(self) -> torch.Tensor:
         """``(B, h, w)`` int64 timesteps the model is evaluated at (the rounded states)."""
-        return self.state.round().long()
+        return self.rounded if self.rounded is not None else self.state.round().long()
 
 
 def check_sample_args(mode: str, subjects: Subjects | None, capture_attention: bool) -> None:
@@ -131,22 +133,25 @@ def regions_from_attention(
     return labels, k_map_from_labels(labels, k)
 
 
-def ladder_flags(plan: SchedulePlan, step: int, state: torch.Tensor) -> tuple[bool, float | None]:
-    """``(lagging, uniform)`` of a state map at ``step`` (one host synchronisation).
+def ladder_flags(plan: SchedulePlan, step: int, state: torch.Tensor
+                 ) -> tuple[bool, float | None, torch.Tensor | None]:
+    """``(lagging, uniform, rounded)`` of a state map at ``step`` (one host synchronisation).
 
-    Both are read from the map the model is given (the rounded states where the model sees
-    rounded states): ``lagging``, some pixel is off the ladder; ``uniform``, the timestep
-    every pixel has when the map holds a single value, else ``None``.
+    Both flags are read from the map the model is given (the rounded states where the model
+    sees rounded states): ``lagging``, some pixel is off the ladder; ``uniform``, the
+    timestep every pixel has when the map holds a single value, else ``None``; ``rounded``
+    is that ``(B, h, w)`` int64 map (``None`` where states are not rounded).
     """
     if step >= plan.num_steps:
-        return False, None
+        return False, None, None
     t_map = state.round() if plan.integer_states else state  # what the model is given
     first = t_map.flatten()[0]
     flags = torch.stack([(t_map != plan.background_at(step)).any().to(state.dtype),
                          (t_map != first).any().to(state.dtype), first]).tolist()
+    rounded = t_map.long() if plan.integer_states else None
     if flags[1]:
-        return bool(flags[0]), None
-    return bool(flags[0]), int(flags[2]) if plan.integer_states else flags[2]
+        return bool(flags[0]), None, rounded
+    return bool(flags[0]), int(flags[2]) if plan.integer_states else flags[2], rounded
 
 
 def begin(
@@ -191,11 +196,13 @@ def step_states(plan: SchedulePlan, st: PixelState) -> torch.Tensor:
     return advance(plan, st.state, st.step, st.k_map, st.k_values)
 
 
-def next_timestep_map(plan: SchedulePlan, st: PixelState, nxt: torch.Tensor) -> torch.Tensor:
-    """``(B, h, w)`` int64 timesteps after the step (``-1`` = clean, after the last step)."""
+def next_timestep_map(plan: SchedulePlan, st: PixelState, nxt: torch.Tensor,
+                      rounded: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, h, w)`` int64 timesteps after the step (``-1`` = clean, after the last step);
+    ``rounded``: ``nxt`` rounded already (from :func:`ladder_flags`)."""
     if st.step + 1 >= plan.num_steps:
         return torch.full_like(nxt, -1, dtype=torch.long)
-    return nxt.round().long()
+    return rounded if rounded is not None else nxt.round().long()
 
 
 def after_step(
@@ -204,7 +211,7 @@ def after_step(
     nxt: torch.Tensor,
     subj_attn: torch.Tensor | None = None,
     threshold: float = 1.0,
-    flags: tuple[bool, int | None] | None = None,
+    flags: tuple[bool, float | None, torch.Tensor | None] | None = None,
 ) -> PixelState:
     """The state of the next step.
 

@@ -59,7 +59,8 @@ def alpha_bar(
     idx = torch.as_tensor(t, device=alphas_cumprod.device).long()
     vals = gather(alphas_cumprod, idx.clamp(min=0))
     final = torch.as_tensor(final_alpha_cumprod, dtype=vals.dtype, device=vals.device)
-    is_final = gather(torch.tensor([False, True], device=vals.device), (idx < 0).long())
+    # the same broadcasting as vals: () for a scalar, (B, 1, 1, 1) or (B, 1, h, w) for maps
+    is_final = (idx < 0).reshape(vals.shape)
     return torch.where(is_final, final, vals)
 
 
