@@ -32,7 +32,7 @@ from .adapters.attention import AttentionCapture
 from .adapters.sd3 import JointAttentionCapture, PerTokenTimestep
 from .adapters.unet import PerPixelTimestep
 from .checks import check_options, check_subjects
-from .regions import load_mask, region_subjects
+from .regions import region_subjects, regions_for_call
 from .sampler import StepRecord
 from .schedulers import AsynRun, per_pixel_scheduler
 from .subjects import ResolvedSubject, SubjectSpec, batch_subjects, resolve_subjects
@@ -301,13 +301,7 @@ def enable(
     """
     check_options(mode, curve, mask_mode, mask_threshold)
     check_subjects(subjects, k)
-    regions = None
-    if region_mask is not None:
-        if subjects:
-            raise ValueError("give subjects (attention masks) or region_mask, not both")
-        regions = torch.as_tensor(load_mask(region_mask))  # (H, W) region numbers
-        if int(regions.max()) == 0:  # no region: plain sampling
-            mode, regions = "dm", None
+    mode, regions = regions_for_call(region_mask, subjects, mode)
     if mask_mode == "static":
         raise ValueError("mask_mode='static' needs a DM pre-run of the same seed: use "
                          "AsynDMPipeline / AsynDMXLPipeline (mask_mode='static') instead")

@@ -31,7 +31,7 @@ from transformers import (CLIPImageProcessor, CLIPTextModel, CLIPTokenizer,
 from .checks import check_call_kwargs, check_options, check_subjects
 from .hooks import AsynDMHooks
 from .pixel_vae import PixelShuffleVAE
-from .regions import load_mask
+from .regions import regions_for_call
 from .sampler import StepRecord, static_labels_from_attention
 from .schedulers import AsynRun
 from .subjects import SubjectSpec
@@ -87,13 +87,7 @@ class _AsynDMCall:
             mode = "asyndm" if subjects or region_mask is not None else "dm"
         check_options(mode, curve, mask_mode, mask_threshold)
         check_subjects(subjects, k)
-        regions = None
-        if region_mask is not None:
-            if subjects:
-                raise ValueError("give subjects (attention masks) or region_mask, not both")
-            regions = torch.as_tensor(load_mask(region_mask))  # (H, W) region numbers
-            if int(regions.max()) == 0:  # no region: plain sampling (the DM image)
-                mode, regions = "dm", None
+        mode, regions = regions_for_call(region_mask, subjects, mode)
         check_call_kwargs(self, kwargs)
         if getattr(self, "vae", None) is None and kwargs.get("output_type", "pil") != "latent":
             raise ValueError("this pipeline has no VAE: pass output_type='latent' or set pipe.vae")

@@ -82,6 +82,22 @@ def load_mask(source) -> np.ndarray:
     return labels
 
 
+def regions_for_call(region_mask, subjects, mode: str) -> tuple[str, torch.Tensor | None]:
+    """A pipeline call's ``region_mask``: its ``(H, W)`` region numbers and the mode to run.
+
+    ``None`` stays ``None``; a mask with no region runs plain sampling (``"dm"``, the DM
+    image); subjects and a mask together are an error.
+    """
+    if region_mask is None:
+        return mode, None
+    if subjects:
+        raise ValueError("give subjects (attention masks) or region_mask, not both")
+    regions = torch.as_tensor(load_mask(region_mask))  # (H, W) region numbers
+    if int(regions.max()) == 0:  # no region: plain sampling (the DM image)
+        return "dm", None
+    return mode, regions
+
+
 def require_regions(labels: np.ndarray, name: str = "the mask") -> int:
     """The number of regions of a :func:`load_mask` result; an empty mask is an error."""
     n = int(np.max(labels))
