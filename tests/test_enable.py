@@ -155,6 +155,15 @@ def test_enable_on_an_existing_pipe_and_removal_restores_it(sd):
     assert np.array_equal(after, before)
 
 
+def test_enable_twice_at_once_is_refused_and_the_first_stays_intact(sd):
+    with asyndm.enable(sd, subjects=["cat"]) as run:
+        with pytest.raises(ValueError, match="already switched on"):
+            with asyndm.enable(sd, subjects=["sandwich"]):
+                pass
+        sd(PROMPT, num_inference_steps=2, output_type="np", generator=_gen())
+    assert run.timestep_maps.shape == (2, 1, 16, 16)
+
+
 def test_unsupported_scheduler_and_static_enable_are_one_line_errors(sd_components):
     pipe = _quiet(StableDiffusionPipeline(**{**sd_components,
                                              "scheduler": DPMSolverMultistepScheduler()},

@@ -106,6 +106,9 @@ class AsynDMHooks:
     def install(self) -> "AsynDMHooks":
         pipe, run = self.pipe, self.run
         original = pipe.scheduler
+        if getattr(original, "asyndm_run", None) is not None:
+            raise ValueError("AsynDM is already switched on for this pipeline (one "
+                             "asyndm.enable at a time)")
         sched = per_pixel_scheduler(original)
         sched.asyndm_run = run
         pipe.scheduler = sched
