@@ -11,7 +11,10 @@ Each variant is one guided UNet call (CFG, batch 2B) on SD 2.1-base's UNet:
 ==============  ==========================================================================
 
 plus the sampler's own bookkeeping (``sample()`` with a stub model that returns at once):
-``loop dm`` and ``loop asyndm``. For each it prints the number of aten operators run and of
+``loop dm`` and ``loop asyndm``; and whole steps of diffusers' own ``StableDiffusionPipeline``
+(``prompt_embeds``, latents out, :data:`PIPE_STEPS` DDIM steps, per step): ``pipeline dm``
+untouched and ``pipeline asyndm`` inside ``asyndm.hooks.AsynDMHooks``, everything AsynDM
+adds per step on the path users run (adapters, scheduler, hooks, masks). For each it prints the number of aten operators run and of
 those that launch a kernel (exact, from a ``TorchDispatchMode``; on a GPU that the host
 cannot keep busy every operator costs host time), and the median wall and process-CPU time
 of interleaved calls (adapters installed outside the timed region, as once per run).
@@ -31,17 +34,19 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sd21 import (ADAPTERS, SD21_BASE_SCHEDULER, build_sd21_unet,  # noqa: E402
-                        make_subjects)
+from bench_sd21 import (ADAPTERS, SD21_BASE_SCHEDULER, SUBJECT_K,  # noqa: E402
+                        SUBJECT_POSITIONS, build_sd21_unet, make_subjects)
 from harness import parse_dtype, synchronize  # noqa: E402
 
 from asyndm.denoise import DenoiseOutput, UNetDenoiser  # noqa: E402
+from asyndm.hooks import AsynDMHooks  # noqa: E402
 from asyndm.sampler import sample  # noqa: E402
+from asyndm.schedulers import AsynRun  # noqa: E402
 from asyndm.schedules import SchedulePlan  # noqa: E402
 from asyndm.step import StepConfig  # noqa: E402
 
@@ -54,6 +59,9 @@ VARIANTS = {
     "naive": ("naive", True, True),
 }
 
+
+PIPE_STEPS = 6
+"""Steps of the pipeline rows (steps 2..4 per-pixel; 0, 1 and 5 have uniform maps)."""
 
 VIEW_OPS = frozenset({
     "aten.view", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze", "aten.expand",
@@ -156,6 +164,31 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> di
     for mode in ("dm", "asyndm"):
         calls[f"loop {mode}"] = make_loop(mode)
 
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=DDIMScheduler(**SD21_BASE_SCHEDULER),
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    negative, positive = embeds.chunk(2)
+
+    def make_pipeline(mode):
+        @contextmanager
+        def ready():
+            with ExitStack() as inner:
+                if mode == "asyndm":
+                    run = AsynRun(mode="asyndm", capture=True, keep_records=False)
+                    inner.enter_context(AsynDMHooks(pipe, run, list(SUBJECT_POSITIONS),
+                                                    list(SUBJECT_K)))
+                yield lambda: pipe(prompt_embeds=positive, negative_prompt_embeds=negative,
+                                   num_inference_steps=PIPE_STEPS, eta=1.0, output_type="latent",
+                                   height=h * pipe.vae_scale_factor,
+                                   width=w * pipe.vae_scale_factor,
+                                   generator=torch.Generator(device=device).manual_seed(0))
+        return ready
+
+    for mode in ("dm", "asyndm"):
+        calls[f"pipeline {mode}"] = make_pipeline(mode)
+
     counts = {}
     for name, ctx in calls.items():
         with ctx() as fn:
@@ -168,13 +201,14 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> di
     ms = _median_ms(calls, iters, device) if iters > 0 else {n: nan for n in calls}
     rows = {}
     for name in calls:
-        per = 10 if name.startswith("loop") else 1  # the loop runs 10 steps
+        # the loop runs 10 steps, the pipeline PIPE_STEPS
+        per = 10 if name.startswith("loop") else PIPE_STEPS if name.startswith("pipe") else 1
         rows[name] = {"aten_ops": counts[name][0] / per, "kernels": counts[name][1] / per,
                       "ms": ms[name][0] / per, "cpu_ms": ms[name][1] / per}
     log(f"{'variant':12s} {'aten ops':>8s} {'+ops':>5s} {'kernels':>8s} {'+kern':>6s} "
-        f"{'ms':>8s} {'+ms':>7s} {'cpu ms':>8s} {'+cpu ms':>8s}   (+: over dm; loop: per step)")
+        f"{'ms':>8s} {'+ms':>7s} {'cpu ms':>8s} {'+cpu ms':>8s}   (+: over dm; loop, pipeline: per step)")
     for name, r in rows.items():
-        b = rows["loop dm" if name.startswith("loop") else "dm"]
+        b = rows[f"{name.split()[0]} dm" if " " in name else "dm"]
         log(f"{name:12s} {r['aten_ops']:8.0f} {r['aten_ops'] - b['aten_ops']:5.0f} "
             f"{r['kernels']:8.0f} {r['kernels'] - b['kernels']:6.0f} "
             f"{r['ms']:8.2f} {r['ms'] - b['ms']:7.2f} {r['cpu_ms']:8.2f} "

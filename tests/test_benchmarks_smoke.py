@@ -61,10 +61,13 @@ def test_bench_embedded_runs_on_tiny_random_model():
 
 def test_profile_overhead_counts_operators_on_tiny_unet():
     rows = profile_overhead.main(["--resolution", "128", "--iters", "1"], unet=tiny_unet())
-    assert set(rows) == {*profile_overhead.VARIANTS, "loop dm", "loop asyndm"}
+    assert set(rows) == {*profile_overhead.VARIANTS, "loop dm", "loop asyndm", "pipeline dm",
+                         "pipeline asyndm"}
     # every adapter adds operators to the plain UNet call; the naive ones add the most
     assert rows["dm"]["aten_ops"] < rows["capture"]["aten_ops"] < rows["asyndm"]["aten_ops"]
     assert rows["asyndm"]["kernels"] < rows["naive"]["kernels"]
+    # through diffusers' own pipeline, AsynDM's steps run more operators than DM's
+    assert rows["pipeline dm"]["aten_ops"] < rows["pipeline asyndm"]["aten_ops"]
 
 
 @pytest.mark.parametrize("level", [None, 1])
