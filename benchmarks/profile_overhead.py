@@ -14,8 +14,8 @@ plus the sampler's own bookkeeping (``sample()`` with a stub model that returns 
 ``loop dm`` and ``loop asyndm``; and whole steps of diffusers' own ``StableDiffusionPipeline``
 (``prompt_embeds``, latents out, :data:`PIPE_STEPS` DDIM steps, per step): ``pipeline dm``
 untouched and ``pipeline asyndm`` inside ``asyndm.hooks.AsynDMHooks``, everything AsynDM
-adds per step on the path users run (adapters, scheduler, hooks, masks). For each it prints the number of aten operators run and of
-those that launch a kernel (exact, from a ``TorchDispatchMode``; on a GPU that the host
+adds per step on the path users run (adapters, scheduler, hooks, masks). For each it
+prints the number of aten operators run and of those that launch a kernel (exact, from a ``TorchDispatchMode``; on a GPU that the host
 cannot keep busy every operator costs host time), and the median wall and process-CPU time
 of interleaved calls (adapters installed outside the timed region, as once per run).
 
@@ -206,7 +206,8 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> di
         rows[name] = {"aten_ops": counts[name][0] / per, "kernels": counts[name][1] / per,
                       "ms": ms[name][0] / per, "cpu_ms": ms[name][1] / per}
     log(f"{'variant':12s} {'aten ops':>8s} {'+ops':>5s} {'kernels':>8s} {'+kern':>6s} "
-        f"{'ms':>8s} {'+ms':>7s} {'cpu ms':>8s} {'+cpu ms':>8s}   (+: over dm; loop, pipeline: per step)")
+        f"{'ms':>8s} {'+ms':>7s} {'cpu ms':>8s} {'+cpu ms':>8s}"
+        "   (+: over dm; loop, pipeline: per step)")
     for name, r in rows.items():
         b = rows[f"{name.split()[0]} dm" if " " in name else "dm"]
         log(f"{name:12s} {r['aten_ops']:8.0f} {r['aten_ops'] - b['aten_ops']:5.0f} "

@@ -9,13 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import flow_scheduler, tiny_sd3_vae, tiny_text_encoder, tiny_transformer
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from conftest import flow_scheduler, tiny_transformer
+from diffusers import StableDiffusion3Pipeline
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..cli_base import DTYPE_NAMES, MODES, HelpFormatter, add_threads_option
 
