@@ -197,7 +197,7 @@ class AsynDMPipeline(_AsynDMCall, StableDiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL | None,
+        vae: AutoencoderKL | PixelShuffleVAE | None,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
