@@ -35,7 +35,8 @@ from .checks import check_options, check_subjects
 from .regions import region_subjects, regions_for_call
 from .sampler import StepRecord
 from .schedulers import AsynRun, per_pixel_scheduler
-from .subjects import ResolvedSubject, SubjectSpec, batch_subjects, resolve_subjects
+from .subjects import (ResolvedSubject, SubjectSpec, batch_subjects, k_values,
+                       resolve_subjects)
 
 
 def _per_prompt(subjects: Sequence, n_prompts: int) -> list[list]:
@@ -49,9 +50,7 @@ def _per_prompt(subjects: Sequence, n_prompts: int) -> list[list]:
 
 def _positions_only(specs: Sequence, k) -> list[ResolvedSubject]:
     """Subjects given as token positions, for a call with ``prompt_embeds`` and no prompt."""
-    ks = [float(k)] * len(specs) if isinstance(k, (int, float)) else [float(v) for v in k]
-    if len(ks) != len(specs):
-        raise ValueError(f"{len(specs)} subjects but {len(ks)} k values")
+    ks = k_values(k, len(specs), "subjects")
     out = []
     for spec, kk in zip(specs, ks):
         if isinstance(spec, int):

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .masks import BACKGROUND
 from .state import Subjects
+from .subjects import k_values
 
 MAX_REGIONS = 8
 """The most regions one mask may label."""
@@ -146,9 +147,7 @@ def mask_regions(labels: np.ndarray | torch.Tensor, grid: tuple[int, int],
 def region_subjects(k: float | list[float], n_regions: int, bsz: int,
                     device: torch.device | str | None = None) -> Subjects:
     """:class:`~asyndm.state.Subjects` for user regions: one strength per region, no tokens."""
-    ks = [float(k)] * n_regions if not isinstance(k, (list, tuple)) else [float(v) for v in k]
-    if len(ks) != n_regions:
-        raise ValueError(f"the mask has {n_regions} region(s) but {len(ks)} k values were given")
+    ks = k_values(k, n_regions, "region(s) in the mask")
     if not all(0 < v < 1 for v in ks):
         raise ValueError(f"k must be in (0, 1) for every region, got {ks}")
     k_t = torch.tensor([ks] * bsz, device=device)  # (B, R)

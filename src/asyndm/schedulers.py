@@ -205,12 +205,13 @@ class _PerPixelScheduler:
             x0 = out[1] if len(out) > 1 else self._x0(model_output, sample, st)
             res = StepOutput(prev_sample=out[0], pred_original_sample=x0)
         # 3. record, then the state of the next step (dynamic masks from this step's call)
-        rec = StepRecord(st.step, plan.num_steps, t_map, t_next_map, st.labels,
-                         res.prev_sample, res.pred_original_sample)
-        if run.keep_records:
-            run.records.append(rec)
-        if run.callback is not None:
-            run.callback(rec)
+        if run.keep_records or run.callback is not None:  # a record only when one is read
+            rec = StepRecord(st.step, plan.num_steps, t_map, t_next_map, st.labels,
+                             res.prev_sample, res.pred_original_sample)
+            if run.keep_records:
+                run.records.append(rec)
+            if run.callback is not None:
+                run.callback(rec)
         attn, run.attention = run.attention, None
         if attn is not None:
             run.attention_sum = attn if run.attention_sum is None else run.attention_sum + attn

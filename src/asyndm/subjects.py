@@ -108,15 +108,21 @@ def resolve_subject(tokenizer, prompt: str, spec: SubjectSpec, k: float) -> Reso
                            positions=tuple(range(start, start + len(sub))), k=k)
 
 
+def k_values(k: float | Sequence[float], n: int, noun: str, context: str = "") -> list[float]:
+    """``k`` (one value for all, or one per item) as ``n`` floats; the error names ``noun``."""
+    ks = [float(k)] * n if not isinstance(k, (list, tuple)) else [float(v) for v in k]
+    if len(ks) != n:
+        raise ValueError(f"{n} {noun} but {len(ks)} k values{context}")
+    return ks
+
+
 def resolve_subjects(
     tokenizer, prompt: str, specs: Sequence[SubjectSpec], k: float | Sequence[float]
 ) -> list[ResolvedSubject]:
     """Resolve all subjects of one prompt; ``k`` is one value or one per subject."""
     if not specs:
         raise ValueError(f"no subjects given for prompt {prompt!r}")
-    ks = [float(k)] * len(specs) if isinstance(k, (int, float)) else [float(v) for v in k]
-    if len(ks) != len(specs):
-        raise ValueError(f"{len(specs)} subjects but {len(ks)} k values for prompt {prompt!r}")
+    ks = k_values(k, len(specs), "subjects", f" for prompt {prompt!r}")
     return [resolve_subject(tokenizer, prompt, s, kk) for s, kk in zip(specs, ks)]
 
 
