@@ -173,6 +173,8 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     backbone = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     factor = int(getattr(pipe, "vae_scale_factor", 1))
     cell = factor * int(getattr(backbone.config, "patch_size", None) or 1)
+    if type(backbone).__name__ == "FluxTransformer2DModel":
+        cell *= 2  # Flux packs 2 x 2 latent patches into one token
     native = getattr(pipe, "default_sample_size", None) or backbone.config.sample_size
     native_hw = tuple(native) if isinstance(native, (list, tuple)) else (native, native)
     h, w = height or native_hw[0] * factor, width or native_hw[1] * factor

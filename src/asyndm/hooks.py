@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from .adapters.attention import AttentionCapture
+from .adapters.flux import (FluxAttentionCapture, FluxPerTokenTimestep, check_text_positions,
+                            ladder_timestep, token_grid)
 from .adapters.sd3 import JointAttentionCapture, PerTokenTimestep
 from .adapters.unet import PerPixelTimestep
 from .checks import check_options, check_subjects
@@ -36,7 +38,7 @@ from .regions import region_subjects, regions_for_call
 from .sampler import StepRecord
 from .schedulers import AsynRun, per_pixel_scheduler
 from .subjects import (ResolvedSubject, SubjectSpec, batch_subjects, k_values,
-                       resolve_subjects)
+                       resolve_subjects, subject_tokenizer)
 
 
 def _per_prompt(subjects: Sequence, n_prompts: int) -> list[list]:
@@ -83,13 +85,16 @@ class AsynDMHooks:
         unet = getattr(pipe, "unet", None)
         if unet is None:  # SD3 / SD3.5: the MMDiT is the denoiser
             unet = getattr(pipe, "transformer", None)
-            if type(unet).__name__ != "SD3Transformer2DModel":
+            if type(unet).__name__ not in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
                 raise ValueError(
-                    f"asyndm.enable needs a pipeline with a UNet or an SD3 transformer; "
+                    f"asyndm.enable needs a pipeline with a UNet or an SD3 / Flux transformer; "
                     f"{type(pipe).__name__} has {type(unet).__name__}")
         if not isinstance(unet, nn.Module):
             raise ValueError(f"{type(pipe).__name__} has no denoising model loaded")
         self.mmdit = not hasattr(unet, "time_embedding")
+        # Flux: packed latents, T5 text columns, a second encode_prompt call for true CFG
+        self.flux = type(unet).__name__ == "FluxTransformer2DModel"
+        self._encoded = False
         controlnet = getattr(pipe, "controlnet", None)
         if controlnet is not None and not hasattr(controlnet, "time_embedding"):
             raise ValueError(f"{type(controlnet).__name__} is not supported by asyndm.enable "
@@ -120,7 +125,8 @@ class AsynDMHooks:
             if model is None:
                 continue
             if run.mode != "dm":
-                adapter = PerTokenTimestep if self.mmdit else self.per_pixel_cls
+                adapter = ((FluxPerTokenTimestep if self.flux else PerTokenTimestep)
+                           if self.mmdit else self.per_pixel_cls)
                 per_pixel = adapter(model).install()
                 self._undo.append(per_pixel.remove)
             handle = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
@@ -151,7 +157,13 @@ class AsynDMHooks:
         def encode_prompt(*args, **kwargs):
             out = original(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
-            self._resolve(bound.arguments.get("prompt"),
+            prompt = bound.arguments.get("prompt")
+            if self.flux:  # T5 reads prompt_2 when given; the second call is the negative's
+                if self._encoded:
+                    return out
+                self._encoded = True
+                prompt = bound.arguments.get("prompt_2") or prompt
+            self._resolve(prompt,
                           int(bound.arguments.get("num_images_per_prompt") or 1), out[0])
             return out
 
@@ -175,10 +187,12 @@ class AsynDMHooks:
             resolved = [_positions_only(s, self.k) for s in _per_prompt(specs, n_prompts)]
         else:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            resolved = [resolve_subjects(self.pipe.tokenizer, p, s, self.k)
+            resolved = [resolve_subjects(subject_tokenizer(self.pipe), p, s, self.k)
                         for p, s in zip(prompts, _per_prompt(specs, len(prompts)))]
         run.subjects = batch_subjects([s for s in resolved for _ in range(n_per_prompt)],
                                       embeds.device)
+        if self.flux:
+            check_text_positions(run.subjects.positions, embeds.shape[1])
 
     # -- model hooks -----------------------------------------------------------------------
     def _cond_rows(self, rows: int, bsz: int) -> slice:
@@ -188,6 +202,10 @@ class AsynDMHooks:
 
     def _pre(self, module, args, kwargs):
         run = self.run
+        if self.flux:  # the denoising loop has begun; packed latents carry no grid
+            self._encoded = False
+            hidden = args[0] if args else kwargs["hidden_states"]  # (M, N, C)
+            run.token_grid = token_grid(kwargs.get("img_ids"), hidden.shape[1])
         if run.subjects is None:
             return None  # dm without subjects: nothing lags, nothing to capture
         key = "hidden_states" if self.mmdit else "sample"
@@ -198,13 +216,17 @@ class AsynDMHooks:
         if rows % bsz:
             raise ValueError(f"the model got {rows} rows for {bsz} samples")
         sched = self.pipe.scheduler
-        st = sched.asyndm_pixels(sample, t, bsz)
+        if self.flux and run.pixels is None:  # Flux's model sees timestep / 1000
+            st = sched.asyndm_pixels(sample, ladder_timestep(sched.timesteps, t), bsz)
+        else:
+            st = sched.asyndm_pixels(sample, t, bsz)
         # one capture per step: the first call of the denoiser (SD3's skip-layer guidance
         # calls it again, with layers skipped)
         if module is self.unet and run.capture and run.attention is None and not self._capturing:
             if self.capture is None:
                 grid = tuple(run.pixels.state.shape[-2:])
-                self.capture = (JointAttentionCapture(self.unet, grid, self.mask_level)
+                joint = FluxAttentionCapture if self.flux else JointAttentionCapture
+                self.capture = (joint(self.unet, grid, self.mask_level)
                                 if self.mmdit else
                                 self.capture_cls(self.unet, grid, self.mask_level)).install()
             self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz))
@@ -224,6 +246,8 @@ class AsynDMHooks:
     def _token_timesteps(self, kwargs: dict, st, t: torch.Tensor, rep: int) -> dict:
         """SD3's timestep keywords: a token map, the text tokens on the background's."""
         t_map = self.pipe.scheduler.asyndm_model_timesteps(st)  # (B, h, w)
+        if self.flux:
+            t_map = t_map / 1000  # the units Flux's pipeline calls its transformer in
         if st.uniform is not None and self.run.mode == "dm_concave":
             # every token, text included, on one timestep: the model's own path
             return {**kwargs, "timestep": t_map.flatten()[:1].expand(t.shape[0])}  # (m B,)

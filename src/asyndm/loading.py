@@ -34,10 +34,21 @@ SD_GUIDANCE = 7.5
 """Stable Diffusion's usual guidance scale, the default for every other model."""
 
 
+FLUX_GUIDANCE = 3.5
+"""FluxPipeline's own default: FLUX.1-dev's embedded guidance (schnell ignores it)."""
+
+
 def default_guidance(model: str | Path | None) -> float:
-    """The guidance scale to use when none is given: the embedded model's own, else 7.5."""
+    """The guidance scale to use when none is given: the embedded model's own, a Flux
+    folder's 3.5, else 7.5."""
     if model is None or Path(model).resolve() == EMBEDDED_MODEL_DIR.resolve():
         return EMBEDDED_GUIDANCE
+    index = Path(model) / "model_index.json"
+    try:
+        if json.loads(index.read_text()).get("_class_name") == "FluxPipeline":
+            return FLUX_GUIDANCE
+    except (OSError, ValueError, AttributeError):
+        pass
     return SD_GUIDANCE
 
 
@@ -67,6 +78,10 @@ def _pipeline_class(model: str):
             pass
         finally:
             diffusers_logging.set_verbosity(before)
+    if name == "FluxPipeline":
+        from .pipeline_flux import AsynDMFluxPipeline
+
+        return AsynDMFluxPipeline
     if "StableDiffusion3" in name:
         from .pipeline_sd3 import AsynDMSD3Pipeline
 

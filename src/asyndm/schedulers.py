@@ -55,6 +55,8 @@ class AsynRun:
         callback: called with a :class:`~asyndm.sampler.StepRecord` after every step.
         keep_records: keep every step's record (for timestep maps and masks).
         patch_size: latent pixels per state in each direction (SD3: 2, a token's patch).
+        token_grid: ``(h, w)`` of packed latents ``(B, N, C)``, token ``n = row * w + col``
+            (Flux), set by the model hooks; ``None`` for ``(B, C, H, W)`` latents.
         region_mask: a user's ``(H, W)`` region numbers (:func:`asyndm.regions.load_mask`),
             the regions of every step instead of attention masks (repair, editing).
         plan, pixels: the run's plan and the state of the current step (``None`` until
@@ -74,6 +76,7 @@ class AsynRun:
     callback: Callable[[StepRecord], None] | None = None
     keep_records: bool = True
     patch_size: int = 1
+    token_grid: tuple[int, int] | None = None
     region_mask: torch.Tensor | None = None
     plan: SchedulePlan | None = None
     pixels: PixelState | None = None
@@ -147,7 +150,8 @@ class _PerPixelScheduler:
                 raise ValueError(f"subjects were resolved for {run.subjects.batch_size} "
                                  f"samples, the pipeline samples {bsz}")
             p = run.patch_size
-            grid = (bsz, sample.shape[-2] // p, sample.shape[-1] // p)
+            grid = ((bsz, *run.token_grid) if run.token_grid is not None  # packed (Flux)
+                    else (bsz, sample.shape[-2] // p, sample.shape[-1] // p))
             if run.region_mask is not None:  # the user's regions, on this grid
                 labels = mask_regions(run.region_mask, grid[1:]).to(sample.device)
                 run.static_labels = labels.expand(bsz, -1, -1).clone()  # (B, h, w)

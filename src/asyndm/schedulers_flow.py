@@ -10,6 +10,8 @@ parent's ``step`` at every step.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -25,6 +27,13 @@ class AsynDMFlowMatchEulerScheduler(_PerPixelScheduler, FlowMatchEulerDiscreteSc
     step = _step_like(FlowMatchEulerDiscreteScheduler.step)
     from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
         FlowMatchEulerDiscreteSchedulerOutput as _output_cls)
+
+    def set_timesteps(self, *args, **kwargs):
+        return _PerPixelScheduler.set_timesteps(self, *args, **kwargs)
+
+    # diffusers' retrieve_timesteps passes sigmas= (as Flux's pipeline does) only to a
+    # set_timesteps whose signature names it
+    set_timesteps.__signature__ = inspect.signature(FlowMatchEulerDiscreteScheduler.set_timesteps)
 
     def _new_plan(self, curve: str, start: int) -> FlowPlan:
         if self.config.stochastic_sampling:
@@ -42,8 +51,13 @@ class AsynDMFlowMatchEulerScheduler(_PerPixelScheduler, FlowMatchEulerDiscreteSc
         return self.asyndm_run.plan.lookup(st.state)[1]
 
     def _sigma(self, state: torch.Tensor) -> torch.Tensor:
-        """Per-token sigma upsampled to the latents, ``(B, 1, H, W)``."""
-        return upsample_tokens(self.asyndm_run.plan.lookup(state)[0], self.asyndm_run.patch_size)
+        """Per-token sigma upsampled to the latents, ``(B, 1, H, W)``, or ``(B, N, 1)`` for
+        packed latents (Flux: token ``n = row * w + col``)."""
+        run = self.asyndm_run
+        sigma = run.plan.lookup(state)[0]  # (B, h, w)
+        if run.token_grid is not None:  # packed (B, N, C) latents
+            return sigma.flatten(1)[:, :, None]  # (B, N, 1)
+        return upsample_tokens(sigma, run.patch_size)
 
     def _pixel_step(self, model_output, timestep, sample, st, nxt, t_map, t_next_map,
                     a: dict) -> StepOutput:

@@ -70,12 +70,16 @@ def resolve_subject(tokenizer, prompt: str, spec: SubjectSpec, k: float) -> Reso
     if isinstance(spec, int) or (not isinstance(spec, str) and isinstance(spec, Sequence)):
         positions = (spec,) if isinstance(spec, int) else tuple(int(p) for p in spec)
         # the prompt's own tokens: not the start token, not the end token or the padding
+        # (T5, Flux's text columns, has no start token: its position 0 is the first word)
+        first = 1 if tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id \
+            else 0
         last = n_valid - 2 if ids[-1] == tokenizer.eos_token_id else n_valid - 1
-        bad = [p for p in positions if not 0 < p <= last]
+        bad = [p for p in positions if not first <= p <= last]
         if bad:
+            start = "0 is the start token, " if first else ""
             raise ValueError(
-                f"token positions {bad} outside the prompt's tokens 1..{last} for prompt "
-                f"{prompt!r} (0 is the start token, beyond {last} the end token and "
+                f"token positions {bad} outside the prompt's tokens {first}..{last} for prompt "
+                f"{prompt!r} ({start}beyond {last} the end token and "
                 f"padding); tokens: {_describe(tokenizer, ids)}"
             )
         return ResolvedSubject(label=f"tokens{list(positions)}", positions=positions, k=k)
@@ -150,6 +154,14 @@ def batch_subjects(per_prompt: Sequence[Sequence[ResolvedSubject]],
                     k=k.to(device), first_position=first.to(device))
 
 
+def subject_tokenizer(pipe):
+    """The tokenizer whose token ``p`` is text column ``p`` of ``pipe``'s subject attention:
+    Flux's T5 (``tokenizer_2``), else ``tokenizer``."""
+    if type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel":
+        return pipe.tokenizer_2
+    return pipe.tokenizer
+
+
 def check_for_pipeline(pipe, prompt: str, specs: Sequence[SubjectSpec],
                        k: float | Sequence[float], steps: int,
                        curve: str) -> list[ResolvedSubject]:
@@ -160,7 +172,7 @@ def check_for_pipeline(pipe, prompt: str, specs: Sequence[SubjectSpec],
 
     from .schedules import SchedulePlan
 
-    resolved = resolve_subjects(pipe.tokenizer, prompt, specs, k)
+    resolved = resolve_subjects(subject_tokenizer(pipe), prompt, specs, k)
     if isinstance(pipe.scheduler, DDIMScheduler):
         plan = SchedulePlan.from_scheduler(pipe.scheduler, steps, curve)
         for sub in resolved:

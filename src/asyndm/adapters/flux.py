@@ -1,0 +1,256 @@
+"""Per-token timesteps and subject attention for diffusers' ``FluxTransformer2DModel`` (FLUX.1).
+
+Flux is SD3's MMDiT with three differences that matter here (see :mod:`asyndm.adapters.sd3`,
+whose machinery this module extends rather than repeats):
+
+* its pipeline *packs* latents: ``(B, C, H, W)`` becomes ``(B, N, 4 C)`` with one token per
+  ``2 x 2`` latent patch, token ``n = row * w + col`` of the ``(h, w) = (H / 2, W / 2)`` grid
+  (the grid is read back from ``img_ids``, which hold ``(0, row, col)`` per token);
+* after its double-stream blocks (``FluxTransformerBlock``, the same AdaLN-Zero structure as
+  SD3's, handled by :class:`~asyndm.adapters.sd3.PerTokenTimestep`'s wrappers and hooks) come
+  single-stream blocks (``FluxSingleTransformerBlock``) that modulate the concatenated
+  ``[text; image]`` sequence with one ``AdaLayerNormZeroSingle`` (shift, scale, gate);
+* the pipeline hands the transformer ``timestep / 1000`` and the guidance scale (FLUX.1-dev is
+  guidance-distilled: ``guidance`` is embedded with the timestep; schnell has no guidance
+  embedding), and the transformer multiplies both by 1000 before embedding them.
+
+:class:`FluxPerTokenTimestep` accepts ``timestep`` as a token map ``(B, h, w)``, ``(B, 1, h, w)``
+or ``(B, N)`` in the units the transformer is called with (``sigma``, i.e. ``t / 1000``). As for
+SD3, only the distinct timesteps are embedded, by the model's own ``time_text_embed`` (with the
+call's guidance and pooled text embedding, added as the model adds them), and the wrappers
+gather the modulation per token. A single-stream block's wrapper splits the rows by the text
+length: text rows get the modulation of the call's own embedding (the background's timestep),
+image rows their token's; it returns a neutral gate (ones) and a forward hook on the block's
+``proj_out`` applies the per-row gate. Text tokens stay on the background timestep throughout.
+
+Subject masks (:class:`FluxAttentionCapture`) come from the joint attention of the
+double-stream blocks: image-query rows of the conditional samples against all keys, which
+``FluxAttnProcessor`` orders ``[text tokens; image tokens]``, after the q/k RMS norms and with
+the rotary embedding of ``cat(txt_ids, img_ids)`` applied to queries and keys, as diffusers
+builds them; softmax in float32, then the subject text columns. Flux's text sequence is the
+T5 tokens alone (no start token), so T5 token ``p`` is text column ``p``: subjects resolve with
+the pipeline's ``tokenizer_2``. Layers (documented choice): the middle third of the
+double-stream blocks (6-11 of FLUX.1's 19), the analogue of SD3's choice. Single-stream blocks
+are left out: there text and image share one projection and the two streams have been mixed
+for every earlier block, so a text column there is no longer the prompt token's own key. It is
+a heuristic, not measured on released FLUX.1 weights; pass ``layers=`` to override.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+
+from .attention import CaptureProcessor
+from .sd3 import JointAttentionCapture, PerTokenTimestep, _CallState, _gather_tokens
+from .unet import UnsupportedModelError
+
+
+def check_flux_supported(transformer: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` naming the first unsupported feature."""
+    if not hasattr(transformer, "single_transformer_blocks"):
+        raise UnsupportedModelError("not a Flux transformer: no 'single_transformer_blocks'")
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        if type(block.norm).__name__ != "AdaLayerNormZeroSingle":
+            raise UnsupportedModelError(f"single_transformer_blocks.{i}.norm: "
+                                        f"{type(block.norm).__name__} is not supported")
+
+
+def token_grid(img_ids: torch.Tensor | None, n_tokens: int) -> tuple[int, int]:
+    """The ``(h, w)`` token grid of packed latents from Flux's ``img_ids`` ``(N, 3)``.
+
+    Raises ``ValueError`` unless the ids are one plain ``h x w`` grid of ``n_tokens`` tokens
+    (image-conditioned variants that append reference-image tokens are not supported).
+    """
+    if img_ids is None:
+        raise ValueError("a Flux transformer call without img_ids")
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3)
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if h * w != n_tokens or ids.shape[0] != n_tokens:
+        raise ValueError(f"AsynDM needs img_ids of one {h}x{w} token grid for {n_tokens} "
+                         f"image tokens, got {ids.shape[0]} ids")
+    return h, w
+
+
+def ladder_timestep(timesteps: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+    """The scheduler timestep a Flux call's ``timestep / 1000`` came from (nearest rung)."""
+    t = float(model_t.flatten()[0]) * 1000
+    return timesteps[int((timesteps.float() - t).abs().argmin())]
+
+
+def check_text_positions(positions: torch.Tensor, text_len: int) -> None:
+    """Subject columns must lie in the encoded T5 sequence (``max_sequence_length``)."""
+    last = int(positions.max())
+    if last >= text_len:
+        raise ValueError(f"subject token {last} lies beyond the {text_len} T5 tokens the "
+                         "prompt is encoded to; raise max_sequence_length")
+
+
+class _TokenNormSingle(nn.Module):
+    """Stands in for a single-stream block's ``norm`` (``AdaLayerNormZeroSingle``)."""
+
+    def __init__(self, inner: nn.Module, owner: "FluxPerTokenTimestep", block: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self._owner = owner
+        self._block = block
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None):
+        st = self._owner.state
+        if st is None:
+            return self.inner(x, emb=emb)
+        inner = self.inner
+        n_img = st.index.shape[1]
+        n_txt = x.shape[1] - n_img
+        # the module's own chunk order: shift, scale, gate
+        img = [_gather_tokens(p, st.index)  # (B, N, D) each
+               for p in inner.linear(inner.silu(st.table)).chunk(3, dim=-1)]
+        txt = [p[:, None].expand(-1, n_txt, -1)  # (B, L, D): the background's, every text row
+               for p in inner.linear(inner.silu(emb)).chunk(3, dim=-1)]
+        shift, scale, gate = (torch.cat(pair, dim=1) for pair in zip(txt, img))  # (B, L + N, D)
+        st.slots[("single", self._block)] = {"gate": gate}
+        out = inner.norm(x) * (1 + scale) + shift  # (B, L + N, D)
+        return out, x.new_ones(x.shape[0], x.shape[-1])  # neutral gate: the hook applies it
+
+
+class FluxPerTokenTimestep(PerTokenTimestep):
+    """Install per-token timesteps on a ``FluxTransformer2DModel`` (see module docstring).
+
+    Use as a context manager (``with FluxPerTokenTimestep(transformer): transformer(x, ...,
+    timestep=t_map)``) or call :meth:`install` / :meth:`remove`. A ``(B,)`` or scalar timestep
+    takes the model's own path untouched; ``text_timestep=`` (a ``(B,)`` or scalar, in the
+    call's units) sets the text tokens' timestep, by default the map's smallest.
+    """
+
+    def __init__(self, transformer: nn.Module) -> None:
+        check_flux_supported(transformer)
+        super().__init__(transformer)
+
+    def install(self) -> "FluxPerTokenTimestep":
+        if self._handles:
+            return self
+        super().install()  # the double-stream blocks and norm_out, as SD3's
+        for i, block in enumerate(self.transformer.single_transformer_blocks):
+            self._swap(block, "norm", _TokenNormSingle(block.norm, self, i))
+            self._handles.append(block.proj_out.register_forward_hook(
+                self._gate_hook(("single", i), "gate", last=True)))
+        return self
+
+    def _pre(self, module, args, kwargs):
+        self.state = None
+        text_t = kwargs.get("text_timestep")
+        kwargs = {k: v for k, v in kwargs.items() if k != "text_timestep"}
+        bound = self._signature.bind(*args, **kwargs)
+        t = bound.arguments.get("timestep")
+        if not torch.is_tensor(t) or t.ndim <= 1:
+            if text_t is not None:
+                raise ValueError("text_timestep is only used with a per-token timestep map")
+            return args, kwargs
+        hidden = bound.arguments["hidden_states"]  # (B, N, C) packed latents
+        t_tok = self._as_tokens(t, hidden)  # (B, N)
+        dtype = hidden.dtype
+        values, inverse = torch.unique(t_tok, return_inverse=True)  # (U,), (B, N)
+        bsz, n_val = t_tok.shape[0], values.numel()
+        # the model's own embedding of every (sample, distinct timestep) pair, with the
+        # units the model applies to a (B,) timestep and guidance
+        emb_args = [values.to(dtype).repeat(bsz) * 1000]  # (B U,)
+        guidance = bound.arguments.get("guidance")
+        if guidance is not None:
+            emb_args.append(guidance.to(dtype).repeat_interleave(n_val, 0) * 1000)
+        emb_args.append(bound.arguments["pooled_projections"].repeat_interleave(n_val, 0))
+        table = module.time_text_embed(*emb_args)  # (B U, D)
+        self.state = _CallState(index=inverse, table=table.reshape(bsz, n_val, -1))
+        if text_t is None:
+            text_t = t_tok.amin(dim=1)  # (B,): the background's timestep
+        bound.arguments["timestep"] = torch.as_tensor(text_t, device=t.device).to(
+            t.dtype).expand(bsz)
+        return bound.args, bound.kwargs
+
+    @staticmethod
+    def _as_tokens(t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``t`` as a float32 ``(B, N)`` map in token order; checked against the latents."""
+        bsz, n_tok = hidden.shape[0], hidden.shape[1]
+        if t.ndim == 4 and t.shape[1] == 1:
+            t = t[:, 0]  # (B, 1, h, w) -> (B, h, w)
+        if t.ndim not in (2, 3) or t.shape[0] != bsz or t[0].numel() != n_tok:
+            raise ValueError(
+                f"a timestep map must be (B, h, w) with h * w = N or (B, N) = ({bsz}, {n_tok}) "
+                f"for packed latents of shape {tuple(hidden.shape)}, got {tuple(t.shape)}")
+        return t.reshape(bsz, n_tok).float()  # (B, N): row-major, Flux's packing order
+
+
+# -- subject attention ---------------------------------------------------------------------
+class FluxCaptureProcessor(CaptureProcessor):
+    """Delegates to the layer's original processor and records image -> subject-text attention.
+
+    The output is the original processor's, unchanged. Its signature names the arguments
+    ``FluxAttention`` passes (it filters keywords by the processor's signature).
+    """
+
+    max_elements = 2**26
+    """Bound on the float32 score tensor of one chunk of heads (256 MiB)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask,
+                         image_rotary_emb, **kwargs)
+        st = self.store
+        if st.positions is not None and encoder_hidden_states is not None:
+            st.add(self._flux_probs(attn, hidden_states, encoder_hidden_states,
+                                    image_rotary_emb))
+        return out
+
+    def _flux_probs(self, attn, hidden_states, encoder_hidden_states, rotary) -> torch.Tensor:
+        """``(B, N, P)``: head-mean softmax probability of each image token on each column."""
+        st = self.store
+        x = hidden_states[st.rows]  # (B, N, D)
+        ctx = encoder_hidden_states[st.rows]  # (B, L, D)
+        n_img, n_txt = x.shape[1], ctx.shape[1]
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (-1, attn.head_dim))  # (B, n, H, d)
+
+        q = attn.norm_q(split(attn.to_q(x)))
+        keys = torch.cat([attn.norm_added_k(split(attn.add_k_proj(ctx))),
+                          attn.norm_k(split(attn.to_k(x)))], dim=1)  # (B, L + N, H, d): text first
+        if rotary is not None:  # positions of cat(txt_ids, img_ids), as the processor uses
+            cos, sin = rotary
+            q = apply_rotary_emb(q, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
+            keys = apply_rotary_emb(keys, rotary, sequence_dim=1)
+        q, keys = q.transpose(1, 2), keys.transpose(1, 2)  # (B, H, N, d), (B, H, L + N, d)
+        bsz, heads = q.shape[0], q.shape[1]
+        scale = q.shape[-1] ** -0.5  # scaled_dot_product_attention's default
+        cols = st.positions[:, None, None, :]  # (B, 1, 1, P): text column p is T5 token p
+        chunk = max(1, self.max_elements // (bsz * n_img * keys.shape[2]))
+        total = 0.0
+        for h0 in range(0, heads, chunk):
+            qh, kh = q[:, h0:h0 + chunk].float(), keys[:, h0:h0 + chunk].float()
+            probs = ((qh @ kh.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, h, N, L + N)
+            picked = probs.gather(-1, cols.expand(-1, qh.shape[1], n_img, -1))  # (B, h, N, P)
+            total = total + picked.sum(dim=1)  # (B, N, P)
+        return total / heads
+
+
+class FluxAttentionCapture(JointAttentionCapture):
+    """Capture processors on the joint attention of some double-stream blocks.
+
+    ``start`` / ``stop`` (``(B, P, h, w)`` token-grid maps, mean over heads, then layers) and
+    ``remove`` are :class:`~asyndm.adapters.attention.AttentionCapture`'s.
+
+    Args:
+        transformer: a ``FluxTransformer2DModel``.
+        token_hw: the token grid ``(h, w)`` of the run.
+        layers: double-stream block indices; default the middle third
+            (:func:`~asyndm.adapters.sd3.default_capture_layers`).
+    """
+
+    def install(self) -> "FluxAttentionCapture":
+        if self._originals:
+            return self
+        for name, mod in self.layers.items():
+            if getattr(mod, "fused_projections", False):
+                raise UnsupportedModelError(f"{name}: fused qkv projections")
+            self._originals[name] = mod.processor
+            mod.set_processor(FluxCaptureProcessor(mod.processor, self._store))
+        return self
