@@ -21,6 +21,18 @@ Built-ins (``METRICS``):
   (``--clip-model DIR``, e.g. a downloaded ``openai/clip-vit-large-patch14``) with
   safetensors weights; nothing is downloaded.
 
+The AsynDM paper's metrics, for a user with the weights on disk (``MetricOptions.paths``;
+never downloaded, safetensors only; see ``docs/paper_protocol.md``):
+
+* ``imagereward``: ImageReward (``paths["imagereward"]``, a folder converted once from
+  ``ImageReward.pt``), :mod:`asyndm.bench.metrics_imagereward`;
+* ``openclip``: CLIPScore with OpenCLIP ViT-H-14, raw cosine (``paths["openclip"]``),
+  :mod:`asyndm.bench.metrics_clip`;
+* ``bertscore``: BERTScore F1 of a Qwen2.5-VL caption against the prompt
+  (``paths["qwen"]`` and ``paths["bertscore"]``), :mod:`asyndm.bench.metrics_vlm`;
+* ``qwenscore``: Qwen2.5-VL's 0-10 rating of prompt alignment (``paths["qwen"]``),
+  :mod:`asyndm.bench.metrics_vlm`.
+
 Adding a metric that needs weights you have (ImageReward, a VLM judge, ...): write a class
 with ``name`` and ``score`` that loads the weights from a local path in its constructor,
 and register a factory before running::
@@ -56,8 +68,9 @@ from PIL import Image
 
 from .suites import BenchEntry
 
-__all__ = ["METRICS", "ClipScore", "Metric", "MetricOptions", "MetricScore", "Scores",
-           "ShapesMetric", "build_metrics", "register_metric", "score_images"]
+__all__ = ["METRICS", "PAPER_METRICS", "PATH_KEYS", "ClipScore", "Metric", "MetricOptions",
+           "MetricScore", "Scores", "ShapesMetric", "build_metrics", "register_metric",
+           "score_images"]
 
 
 @dataclass(frozen=True)
@@ -159,7 +172,32 @@ class ClipScore:
 
 
 MetricFactory = Callable[[MetricOptions], Metric]
-METRICS: dict[str, MetricFactory] = {"shapes": ShapesMetric, "clipscore": ClipScore}
+
+
+def _lazy(module: str, cls: str) -> MetricFactory:
+    """A factory that imports ``module`` (and its heavy dependencies) only when used."""
+
+    def factory(opts: MetricOptions) -> Metric:
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), cls)(opts)
+
+    factory.__qualname__ = f"{module.lstrip('.')}.{cls}"
+    return factory
+
+
+METRICS: dict[str, MetricFactory] = {
+    "shapes": ShapesMetric, "clipscore": ClipScore,
+    "imagereward": _lazy(".metrics_imagereward", "ImageRewardMetric"),
+    "openclip": _lazy(".metrics_clip", "OpenClipScore"),
+    "bertscore": _lazy(".metrics_vlm", "BertScoreMetric"),
+    "qwenscore": _lazy(".metrics_vlm", "QwenScore"),
+}
+PAPER_METRICS = ("imagereward", "openclip", "bertscore", "qwenscore")
+"""The AsynDM paper's Table 1 metrics, in its order."""
+PATH_KEYS = {"imagereward": ("imagereward",), "openclip": ("openclip",),
+             "bertscore": ("qwen", "bertscore"), "qwenscore": ("qwen",)}
+"""The ``MetricOptions.paths`` keys each paper metric reads."""
 
 
 def register_metric(name: str, factory: MetricFactory) -> None:
