@@ -35,14 +35,17 @@ def tiny_t5(tokenizer: T5Tokenizer, seed: int = 0) -> T5EncoderModel:
     return T5EncoderModel(cfg).eval()
 
 
-def tiny_flux_transformer(guidance: bool = True, seed: int = 0) -> FluxTransformer2DModel:
-    """Two double- and two single-stream blocks; 4 packed channels (a 1-channel latent)."""
+def tiny_flux_transformer(guidance: bool = True, seed: int = 0,
+                          **overrides) -> FluxTransformer2DModel:
+    """Two double- and two single-stream blocks; 4 packed channels (a 1-channel latent).
+
+    ``overrides``: other ``FluxTransformer2DModel`` sizes (the benchmark's larger model).
+    """
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=guidance, axes_dims_rope=(2, 2, 4),
-    ).eval()
+    cfg = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+               pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+    return FluxTransformer2DModel(guidance_embeds=guidance, **{**cfg, **overrides}).eval()
 
 
 def tiny_flux_vae(seed: int = 0) -> AutoencoderKL:
@@ -64,14 +67,15 @@ def flux_scheduler(dev: bool = True) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
 
 
-def flux_components(clip_tokenizer, dev: bool = True) -> dict:
-    """The keyword arguments of ``FluxPipeline`` (dev: guidance embedding; schnell: none)."""
+def flux_components(clip_tokenizer, dev: bool = True, **transformer) -> dict:
+    """The keyword arguments of ``FluxPipeline`` (dev: guidance embedding; schnell: none);
+    ``transformer``: size overrides of :func:`tiny_flux_transformer`."""
     t5_tok = t5_tokenizer()
     return dict(
         scheduler=flux_scheduler(dev), vae=tiny_flux_vae(),
         text_encoder=tiny_text_encoder(clip_tokenizer, seed=1), tokenizer=clip_tokenizer,
         text_encoder_2=tiny_t5(t5_tok, seed=2), tokenizer_2=t5_tok,
-        transformer=tiny_flux_transformer(guidance=dev),
+        transformer=tiny_flux_transformer(guidance=dev, **transformer),
     )
 
 

@@ -471,3 +471,16 @@ def test_generate_on_a_saved_flux_folder(tokenizer, tmp_path):
                height=16, width=16, generator=torch.Generator().manual_seed(2)).images[0]
     assert np.array_equal(np.asarray(Image.open(out / "dm_seed2.png")), np.asarray(want))
     assert main(argv[:-1] + [str(tmp_path / "odd"), "--height", "15"]) == 2
+
+
+def test_flux_benchmark_runs_and_reports_its_ratio():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_flux
+
+    results = bench_flux.main(["--steps", "4", "--grid", "4", "--repeats", "1", "--no-warmup",
+                               "--variant", "schnell"])
+    assert set(results["ratios"]) == {"asyndm/dm"}
+    assert results["ratios"]["asyndm/dm"]["step"] > 0 and results["steps"] == 4

@@ -27,8 +27,9 @@ Subject masks (:class:`FluxAttentionCapture`) come from the joint attention of t
 double-stream blocks: image-query rows of the conditional samples against all keys, which
 ``FluxAttnProcessor`` orders ``[text tokens; image tokens]``, after the q/k RMS norms and with
 the rotary embedding of ``cat(txt_ids, img_ids)`` applied to queries and keys, as diffusers
-builds them; softmax in float32, then the subject text columns. Flux's text sequence is the
-T5 tokens alone (no start token), so T5 token ``p`` is text column ``p``: subjects resolve with
+builds them; then the float32 softmax probability on the subject text columns (read through
+the fused attention kernel, see :class:`FluxCaptureProcessor`). Flux's text sequence is the T5
+tokens alone (no start token), so T5 token ``p`` is text column ``p``: subjects resolve with
 the pipeline's ``tokenizer_2``. Layers (documented choice): the middle third of the
 double-stream blocks (6-11 of FLUX.1's 19), the analogue of SD3's choice. Single-stream blocks
 are left out: there text and image share one projection and the two streams have been mixed
@@ -39,6 +40,7 @@ a heuristic, not measured on released FLUX.1 weights; pass ``layers=`` to overri
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
@@ -186,10 +188,14 @@ class FluxCaptureProcessor(CaptureProcessor):
 
     The output is the original processor's, unchanged. Its signature names the arguments
     ``FluxAttention`` passes (it filters keywords by the processor's signature).
-    """
 
-    max_elements = 2**26
-    """Bound on the float32 score tensor of one chunk of heads (256 MiB)."""
+    The probabilities are read through the fused attention kernel rather than a materialised
+    ``(B, H, N, L + N)`` matrix: attention with one-hot values (value ``c`` is ``1`` at subject
+    column ``c``, else ``0``) returns, per query, exactly its softmax probability on each
+    subject column. Inputs are float32; on the CPU the kernel is float32 throughout (matches
+    the explicit softmax to ~1e-8), on CUDA the float32 kernel may use TF32 (~1e-3 relative),
+    which the mean threshold of the masks does not resolve.
+    """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **kwargs):
@@ -206,7 +212,7 @@ class FluxCaptureProcessor(CaptureProcessor):
         st = self.store
         x = hidden_states[st.rows]  # (B, N, D)
         ctx = encoder_hidden_states[st.rows]  # (B, L, D)
-        n_img, n_txt = x.shape[1], ctx.shape[1]
+        n_txt = ctx.shape[1]
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (-1, attn.head_dim))  # (B, n, H, d)
@@ -218,18 +224,20 @@ class FluxCaptureProcessor(CaptureProcessor):
             cos, sin = rotary
             q = apply_rotary_emb(q, (cos[n_txt:], sin[n_txt:]), sequence_dim=1)
             keys = apply_rotary_emb(keys, rotary, sequence_dim=1)
-        q, keys = q.transpose(1, 2), keys.transpose(1, 2)  # (B, H, N, d), (B, H, L + N, d)
-        bsz, heads = q.shape[0], q.shape[1]
-        scale = q.shape[-1] ** -0.5  # scaled_dot_product_attention's default
-        cols = st.positions[:, None, None, :]  # (B, 1, 1, P): text column p is T5 token p
-        chunk = max(1, self.max_elements // (bsz * n_img * keys.shape[2]))
-        total = 0.0
-        for h0 in range(0, heads, chunk):
-            qh, kh = q[:, h0:h0 + chunk].float(), keys[:, h0:h0 + chunk].float()
-            probs = ((qh @ kh.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, h, N, L + N)
-            picked = probs.gather(-1, cols.expand(-1, qh.shape[1], n_img, -1))  # (B, h, N, P)
-            total = total + picked.sum(dim=1)  # (B, N, P)
-        return total / heads
+        q = q.transpose(1, 2).float()  # (B, H, N, d)
+        keys = keys.transpose(1, 2).float()  # (B, H, L + N, d)
+        bsz, heads, _, dim = q.shape
+        # text column p is T5 token p; one-hot values of the kernel's head size (which the
+        # fused kernels need), a head size of columns at a time
+        onehot = F.one_hot(st.positions, keys.shape[2]).transpose(1, 2).float()  # (B, L+N, P)
+        picked = []
+        for c0 in range(0, onehot.shape[2], dim):
+            part = onehot[:, :, c0:c0 + dim]  # (B, L + N, c)
+            values = F.pad(part, (0, dim - part.shape[2]))[:, None]  # (B, 1, L + N, d)
+            probs = F.scaled_dot_product_attention(
+                q, keys, values.expand(-1, heads, -1, -1))  # (B, H, N, d)
+            picked.append(probs[..., :part.shape[2]])
+        return torch.cat(picked, dim=-1).mean(dim=1)  # (B, N, P)
 
 
 class FluxAttentionCapture(JointAttentionCapture):
