@@ -9,21 +9,19 @@ at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import WORDS
+from paper_fixtures import (BERT_WORDS, CTX, IL, IP, IS, IT, IV, LAYERS, PATCH, SIZE, TW, W,
+                            make_bert, make_imagereward, make_openclip, make_qwen)
 from PIL import Image
-from safetensors.torch import save_file
 
 from asyndm.bench.metrics import METRICS, MetricOptions, build_metrics, score_images
 from asyndm.bench.metrics_local import clip_pixels
 from asyndm.bench.suites import BenchEntry
-from asyndm.shapes.tokenizer import write_clip_tokenizer
 
 PROMPTS = ["a red cat on the table", "two dog with a blue car"]
 
@@ -40,40 +38,6 @@ def images():
 
 
 # --- OpenCLIP -------------------------------------------------------------------------------
-
-W, TW, E, LAYERS, CTX, PATCH, SIZE = 32, 24, 16, 2, 16, 8, 32
-
-
-def _openclip_state(vocab: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-
-    def r(*shape, s=0.2):
-        return torch.randn(*shape, generator=g) * s
-
-    def blocks(pre, w):
-        out = {}
-        for i in range(LAYERS):
-            b = f"{pre}transformer.resblocks.{i}."
-            out.update({b + "ln_1.weight": 1 + r(w), b + "ln_1.bias": r(w),
-                        b + "ln_2.weight": 1 + r(w), b + "ln_2.bias": r(w),
-                        b + "attn.in_proj_weight": r(3 * w, w), b + "attn.in_proj_bias": r(3 * w),
-                        b + "attn.out_proj.weight": r(w, w), b + "attn.out_proj.bias": r(w),
-                        b + "mlp.c_fc.weight": r(4 * w, w), b + "mlp.c_fc.bias": r(4 * w),
-                        b + "mlp.c_proj.weight": r(w, 4 * w), b + "mlp.c_proj.bias": r(w)})
-        return out
-
-    n = (SIZE // PATCH) ** 2
-    state = {"logit_scale": torch.tensor(math.log(100.0)), "token_embedding.weight": r(vocab, TW),
-             "positional_embedding": r(CTX, TW), "ln_final.weight": 1 + r(TW),
-             "ln_final.bias": r(TW), "text_projection": r(TW, E),
-             "visual.class_embedding": r(W), "visual.conv1.weight": r(W, 3, PATCH, PATCH),
-             "visual.positional_embedding": r(n + 1, W), "visual.ln_pre.weight": 1 + r(W),
-             "visual.ln_pre.bias": r(W), "visual.ln_post.weight": 1 + r(W),
-             "visual.ln_post.bias": r(W), "visual.proj": r(W, E)}
-    state.update(blocks("", TW))
-    state.update(blocks("visual.", W))
-    return state
-
 
 def _ref_block(x, s, b, heads, mask=None):
     """OpenCLIP's ResidualAttentionBlock: pre-LN, nn.MultiheadAttention, GELU MLP."""
@@ -112,15 +76,7 @@ def _ref_openclip(s, pixels, ids, eos):
 @pytest.fixture(scope="module")
 def openclip_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("openclip")
-    tok = write_clip_tokenizer(WORDS, root, model_max_length=CTX)
-    state = _openclip_state(len(tok))
-    save_file(state, str(root / "open_clip_model.safetensors"))
-    cfg = {"model_cfg": {"embed_dim": E,
-                         "vision_cfg": {"image_size": SIZE, "layers": LAYERS, "width": W,
-                                        "head_width": W // 4, "patch_size": PATCH},
-                         "text_cfg": {"context_length": CTX, "vocab_size": len(tok),
-                                      "width": TW, "heads": 4, "layers": LAYERS}}}
-    (root / "open_clip_config.json").write_text(json.dumps(cfg))
+    state, tok = make_openclip(root)
     return root, state, tok
 
 
@@ -156,49 +112,6 @@ def test_clip_pixels_follow_torchvision_rounding():
 
 # --- ImageReward ----------------------------------------------------------------------------
 
-IV, IT, IL, IP, IS = 32, 32, 2, 8, 32  # vision width, text width, layers, patch, image size
-BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "on", "the",
-              "table", "two", "dog", "with", "blue", "car"]
-
-
-def _imagereward_state() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-
-    def r(*shape, s=0.2):
-        return torch.randn(*shape, generator=g) * s
-
-    def lin(name, o, i):
-        return {name + ".weight": r(o, i), name + ".bias": r(o)}
-
-    def ln(name, d):
-        return {name + ".weight": 1 + r(d), name + ".bias": r(d)}
-
-    v, t = "blip.visual_encoder.", "blip.text_encoder."
-    s = {v + "cls_token": r(1, 1, IV), v + "pos_embed": r(1, (IS // IP) ** 2 + 1, IV),
-         v + "patch_embed.proj.weight": r(IV, 3, IP, IP), v + "patch_embed.proj.bias": r(IV),
-         **ln(v + "norm", IV), t + "embeddings.word_embeddings.weight": r(len(BERT_WORDS) + 2, IT),
-         t + "embeddings.position_embeddings.weight": r(40, IT), **ln(t + "embeddings.LayerNorm", IT),
-         t + "embeddings.position_ids": torch.arange(40)[None],
-         "blip.vision_proj.weight": r(8, IV), "blip.text_proj.weight": r(8, IT)}  # unused parts
-    for i in range(IL):
-        b = f"{v}blocks.{i}."
-        s.update({**ln(b + "norm1", IV), **ln(b + "norm2", IV), **lin(b + "attn.qkv", 3 * IV, IV),
-                  **lin(b + "attn.proj", IV, IV), **lin(b + "mlp.fc1", 4 * IV, IV),
-                  **lin(b + "mlp.fc2", IV, 4 * IV)})
-        b = f"{t}encoder.layer.{i}."
-        for att, kv in (("attention", IT), ("crossattention", IV)):
-            s.update({**lin(f"{b}{att}.self.query", IT, IT), **lin(f"{b}{att}.self.key", IT, kv),
-                      **lin(f"{b}{att}.self.value", IT, kv), **lin(f"{b}{att}.output.dense", IT, IT),
-                      **ln(f"{b}{att}.output.LayerNorm", IT)})
-        s.update({**lin(b + "intermediate.dense", 4 * IT, IT), **lin(b + "output.dense", IT, 4 * IT),
-                  **ln(b + "output.LayerNorm", IT)})
-    width = IT
-    for idx, n in zip((0, 2, 4, 6, 7), (1024, 128, 64, 16, 1)):
-        s.update(lin(f"mlp.layers.{idx}", n, width))
-        width = n
-    return s
-
-
 def _attend(q, k, v, heads, mask=None):
     b, lq, d = q.shape
     split = lambda x: x.view(b, x.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
@@ -230,7 +143,8 @@ def _ref_imagereward(s, pixels, ids, mask):
         b = f"{t}encoder.layer.{i}."
         for att, src, m in (("attention", None, mask.bool()), ("crossattention", img, None)):
             kv = y if src is None else src
-            a = _attend(F.linear(y, *p(f"{b}{att}.self.query")), F.linear(kv, *p(f"{b}{att}.self.key")),
+            a = _attend(F.linear(y, *p(f"{b}{att}.self.query")),
+                        F.linear(kv, *p(f"{b}{att}.self.key")),
                         F.linear(kv, *p(f"{b}{att}.self.value")), heads, m)
             y = F.layer_norm(y + F.linear(a, *p(f"{b}{att}.output.dense")), (IT,),
                              *p(f"{b}{att}.output.LayerNorm"), eps=1e-12)
@@ -244,18 +158,8 @@ def _ref_imagereward(s, pixels, ids, mask):
 
 @pytest.fixture(scope="module")
 def imagereward_dir(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    from asyndm.bench.metrics_imagereward import convert_imagereward
-
     root = tmp_path_factory.mktemp("imagereward")
-    (root / "bert").mkdir()
-    (root / "bert" / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
-    BertTokenizerFast(vocab=str(root / "bert" / "vocab.txt"),
-                      model_max_length=40).save_pretrained(root / "bert")
-    state = _imagereward_state()
-    torch.save(state, root / "ImageReward.pt")
-    out = convert_imagereward(root / "ImageReward.pt", root / "bert", root / "converted")
+    out, state = make_imagereward(root)
     return root, out, state
 
 
@@ -291,50 +195,9 @@ def test_imagereward_conversion_refuses_pickled_code(tmp_path, imagereward_dir):
 
 # --- Qwen2.5-VL, QwenScore, BERTScore -------------------------------------------------------
 
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil)
-
-    root = tmp_path_factory.mktemp("qwen")
-    words = QWEN_SPECIAL + ["user", "assistant", *"0123456789", ".", ":", '"', "/"] \
-        + sorted({w for p in PROMPTS for w in p.split()} | {"image", "prompt", "how", "well"})
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
-                                      unk_token="<|endoftext|>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>",
-                                  additional_special_tokens=QWEN_SPECIAL[1:])
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(root)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16).save_pretrained(root)
-    ids = {k: tok.convert_tokens_to_ids(v) for k, v in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
-                           out_hidden_size=32, window_size=56, fullatt_block_indexes=[1]),
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **ids)
-    torch.manual_seed(3)
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(root, safe_serialization=True)
-    return root
+    return make_qwen(tmp_path_factory.mktemp("qwen"), PROMPTS)
 
 
 @pytest.mark.parametrize("reply, value", [
@@ -375,16 +238,7 @@ def test_qwenscore_scores_what_the_vlm_says(qwen_dir, images, monkeypatch):
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("bert")
-    (root / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
-    BertTokenizerFast(vocab=str(root / "vocab.txt"), model_max_length=64).save_pretrained(root)
-    torch.manual_seed(4)
-    BertModel(BertConfig(vocab_size=len(BERT_WORDS), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)
-              ).save_pretrained(root, safe_serialization=True)
-    return root
+    return make_bert(tmp_path_factory.mktemp("bert"))
 
 
 def _ref_bertscore(folder, layers, cand, ref):

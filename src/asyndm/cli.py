@@ -203,6 +203,13 @@ def _add_repair_bench(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_repair_bench_cli)
 
 
+def _add_paper(p: argparse.ArgumentParser) -> None:
+    from .bench.paper_cli import add_paper_arguments, run_paper_cli
+
+    add_paper_arguments(p)
+    p.set_defaults(func=run_paper_cli)
+
+
 _EXAMPLES = {
     "generate": "example:\n  asyndm generate "
                 "--prompt 'a red circle to the left of a blue square' \\\n"
@@ -233,6 +240,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "edit": ("redraw a masked region with a new prompt (same seed)", _add_edit),
     "repair-bench": ("repair benchmark: wrong DM images, their offending objects masked",
                      _add_repair_bench),
+    "paper": ("the AsynDM paper's protocol: every method and metric on its four prompt sets",
+              _add_paper),
 }
 
 

@@ -143,7 +143,7 @@ def run_report_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m asyndm.bench {bench,report} ...`` (also under ``accelerate launch -m``)."""
+    """``python -m asyndm.bench {bench,report,paper} ...`` (also under ``accelerate launch -m``)."""
     from ..cli import run_parsed
 
     parser = argparse.ArgumentParser(prog="python -m asyndm.bench", formatter_class=HelpFormatter,
@@ -155,4 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="report.md, results.csv and plots")
     add_report_arguments(report)
     report.set_defaults(func=run_report_cli)
+    from .paper_cli import add_paper_arguments, run_paper_cli
+
+    paper = sub.add_parser("paper", help="the AsynDM paper's protocol (asyndm paper --help)")
+    add_paper_arguments(paper)
+    paper.set_defaults(func=run_paper_cli)
     return run_parsed(parser.parse_args(argv))

@@ -9,7 +9,7 @@
   BERTScore (Zhang et al., ICLR 2020; the ``bert-score`` package): F1 of greedy cosine
   matching of contextual token embeddings (caption = candidate, prompt = reference), no idf,
   no baseline rescaling. The BERT-style model is a local folder (``paths["bertscore"]``; the
-  package's English default is ``roberta-large`` at layer 17, :data:`BERT_LAYERS`).
+  package's English default is ``roberta-large``, scored at its layer 17, :data:`BERT_LAYERS`).
 
 The VLM folder (``paths["qwen"]``, e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``) needs ``config.json``,
 safetensors weights, the tokenizer (with its chat template) and ``preprocessor_config.json``.
@@ -35,7 +35,7 @@ from .metrics_local import require_folder
 from .suites import BenchEntry
 
 __all__ = ["BERT_LAYERS", "CAPTION_QUESTION", "RATING_QUESTION", "BertScoreMetric", "QwenVL",
-           "QwenScore", "load_qwen", "parse_rating"]
+           "QwenScore", "default_layers", "load_qwen", "parse_rating"]
 
 RATING_QUESTION = (
     'This image was generated from the text prompt: "{prompt}"\n'
@@ -46,9 +46,11 @@ RATING_QUESTION = (
 RATING_TOKENS = 8
 CAPTION_QUESTION = "Describe this image in one sentence."
 CAPTION_TOKENS = 64
-BERT_LAYERS = {"roberta-large": 17, "roberta-base": 10, "bert-base-uncased": 9,
-               "microsoft/deberta-xlarge-mnli": 40}
-"""bert-score's layer per model (its ``model2layers``), for the folder names users keep."""
+BERT_LAYERS = {("roberta", 24, 1024): 17, ("roberta", 12, 768): 10, ("bert", 12, 768): 9,
+               ("bert", 24, 1024): 18, ("deberta", 48, 1024): 40}
+"""bert-score's layer (its ``model2layers``) for roberta-large / -base, bert-base / -large and
+deberta-xlarge, told apart by ``(model_type, num_hidden_layers, hidden_size)`` of the folder's
+config; any other model uses its last layer."""
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")
 
@@ -168,10 +170,7 @@ class BertScoreMetric:
                                 ["config.json", "model.safetensors"])
         self.vlm = load_qwen(opts, self.name)
         if layers is None:
-            layers = next((n for name, n in BERT_LAYERS.items()
-                           if folder.name == name.split("/")[-1]), None)
-        if layers is None:
-            layers = _config_layers(folder)
+            layers = default_layers(folder)
         # a local folder: bert-score's AutoModel / AutoTokenizer read it, nothing is fetched
         self.scorer = BERTScorer(model_type=str(folder), num_layers=layers, device=str(opts.device),
                                  batch_size=opts.batch_size)
@@ -189,9 +188,10 @@ class BertScoreMetric:
                 for c, pi, ri, fi in zip(captions, p, r, f)]
 
 
-def _config_layers(folder: Path) -> int:
-    """All layers of a model bert-score has no default for."""
+def default_layers(folder: Path) -> int:
+    """bert-score's layer for the model in ``folder`` (:data:`BERT_LAYERS`), else its last."""
     import json
 
     cfg: dict[str, Any] = json.loads((folder / "config.json").read_text())
-    return int(cfg["num_hidden_layers"])
+    n = int(cfg["num_hidden_layers"])
+    return BERT_LAYERS.get((cfg.get("model_type"), n, cfg.get("hidden_size")), n)

@@ -1,0 +1,147 @@
+"""``asyndm paper`` end to end: a tiny random SD folder, the tiny metric models, on the CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import ddim, tiny_text_encoder, tiny_unet, tiny_vae
+from paper_fixtures import make_weights
+
+from asyndm.bench.cli import main as bench_main
+from asyndm.bench.metrics import PAPER_METRICS
+from asyndm.bench.paper import (PAPER_METHODS, PAPER_SUITES, PaperConfig, available_methods,
+                                metric_paths, paper_suite)
+from asyndm.bench.store import Store
+from asyndm.bench.suites import load_suite
+from asyndm.pipeline import AsynDMPipeline
+from asyndm.shapes.tokenizer import write_clip_tokenizer
+
+DATA = Path(__file__).parent / "data" / "paper"
+
+
+def _first_prompts() -> list[str]:
+    return [json.loads(paper_suite(s).read_text())[0] for s in PAPER_SUITES]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A saved tiny SD pipeline whose vocabulary holds the words of each set's first prompt
+    (so the paper's word indices are token positions), and the four tiny metric models."""
+    root = tmp_path_factory.mktemp("paper")
+    words = sorted({w for p in _first_prompts()
+                    for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", p.lower())})
+    tok = write_clip_tokenizer(words, root / "tok", model_max_length=77)
+    AsynDMPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(tok), tokenizer=tok,
+                   unet=tiny_unet(), scheduler=ddim()) \
+        .save_pretrained(root / "sd", safe_serialization=True)
+    make_weights(root / "weights", _first_prompts())
+    return root
+
+
+def _args(env, out, *extra) -> list[str]:
+    return ["paper", "--model", str(env / "sd"), "--weights", str(env / "weights"),
+            "--out", str(out), "--limit", "1", "--seeds", "2", "--steps", "2",
+            "--methods", "dm", "asyndm", "--device", "cpu", "--batch-size", "2",
+            "--no-progress", "--threads", "1", *extra]
+
+
+def _images(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.glob("*/images/*/*.png"))}
+
+
+def test_paper_protocol_runs_scores_reports_and_resumes(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert bench_main(_args(env, out)) == 0
+    first = capsys.readouterr().out
+    for suite in PAPER_SUITES:
+        assert f"paper {suite} 1/1: 4 images, 0 already done, 4 generated" in first
+        with Store(out / suite) as store:
+            results = store.results()
+            values = store.metric_values()
+        assert sorted((r["seed"], r["variant"]) for r in results) == \
+            [(0, "asyndm"), (0, "dm"), (1, "asyndm"), (1, "dm")]
+        by_result: dict[int, dict] = {}
+        for v in values:
+            by_result.setdefault(v["result_id"], {})[v["name"]] = v["value"]
+        assert len(by_result) == 4
+        for scores in by_result.values():
+            assert sorted(scores) == sorted(PAPER_METRICS)
+            # the tiny VLM may reply without a number (None); every other metric scores
+            assert all(scores[m] is not None for m in ("imagereward", "openclip", "bertscore"))
+        assert (out / suite / "report.md").is_file()
+    table = (out / "paper_table.md").read_text()
+    assert "| method | animal | drawbench | geneval | mscoco |" in table
+    for m in PAPER_METRICS[:3]:
+        section = table.split(f"## {m}\n")[1].split("## ")[0]
+        assert re.search(r"\| dm \| -?\d+\.\d{3} \(n=2\)", section)
+        assert re.search(r"\| asyndm \| -?\d+\.\d{3} \([+-]\d+\.\d{3} \[", section)
+    images = _images(out)
+    assert len(images) == 16
+
+    assert bench_main(_args(env, out)) == 0  # a finished run does nothing more
+    again = capsys.readouterr().out
+    for suite in PAPER_SUITES:
+        assert f"paper {suite} 1/1: 4 images, 4 already done, 0 generated" in again
+    assert _images(out) == images
+
+
+def test_shards_fill_one_store_and_the_first_writes_the_table(env, tmp_path, capsys):
+    out = tmp_path / "sharded"
+    common = ["--suites", "animal", "geneval", "--metrics"]
+    assert bench_main(_args(env, out, *common, "--shard", "1/2")) == 0
+    assert not (out / "paper_table.md").exists()  # only shard 0 reports
+    assert bench_main(_args(env, out, *common, "--shard", "0/2")) == 0
+    text = capsys.readouterr().out
+    assert "paper animal 2/2: 2 images" in text and "paper animal 1/2: 2 images" in text
+    for suite in ("animal", "geneval"):
+        with Store(out / suite) as store:
+            keys = sorted((r["seed"], r["variant"]) for r in store.results())
+        assert keys == [(0, "asyndm"), (0, "dm"), (1, "asyndm"), (1, "dm")]
+    assert (out / "paper_table.md").is_file()
+
+
+def test_missing_weights_fail_before_any_model_is_loaded(env, tmp_path, capsys):
+    gone = tmp_path / "no-weights"
+    args = _args(env, tmp_path / "run")
+    args[args.index("--weights") + 1] = str(gone)
+    assert bench_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert str(gone / "imagereward") in err and "does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_methods_come_from_the_variant_registry():
+    runnable, missing = available_methods()
+    assert {"dm", "dm_concave", "asyndm"} <= set(runnable)
+    assert sorted(runnable + missing) == sorted(PAPER_METHODS)
+    config = PaperConfig(model="sd")
+    assert config.methods == tuple(runnable) and config.missing_methods == tuple(missing)
+    assert config.seeds == 32 and config.steps == 50 and config.guidance == 7.5
+    assert config.suites == PAPER_SUITES and config.metrics == PAPER_METRICS
+    with pytest.raises(ValueError, match="not registered"):
+        PaperConfig(model="sd", methods=("dm", "no_such_method"))
+    with pytest.raises(ValueError, match="include dm"):
+        PaperConfig(model="sd", methods=("asyndm",))
+
+
+def test_weight_paths_from_the_weights_folder_and_overrides(tmp_path):
+    paths = dict(metric_paths(PAPER_METRICS, str(tmp_path), {"qwen": "/my/qwen"}))
+    assert paths == {"imagereward": str(tmp_path / "imagereward"),
+                     "openclip": str(tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K"),
+                     "qwen": "/my/qwen", "bertscore": str(tmp_path / "roberta-large")}
+    assert metric_paths(("openclip",), None, {}) == ()
+
+
+@pytest.mark.parametrize("suite", PAPER_SUITES)
+def test_packaged_prompt_sets(suite):
+    for name in (f"{suite}.json", f"{suite}_item.json"):
+        assert (paper_suite(suite).parent / name).read_bytes() == (DATA / name).read_bytes()
+    loaded = load_suite(paper_suite(suite))
+    assert len(loaded.entries) == 40 and all(e.subjects and e.k for e in loaded.entries)
+    assert {e.category for e in loaded.entries} == {suite}
