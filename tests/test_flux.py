@@ -426,6 +426,30 @@ def test_negative_prompt_with_true_cfg_and_prompt_2(pipe):
         pipe(PROMPTS[0], subjects=["sandwich"], **{**RUN, "max_sequence_length": 4})
 
 
+def test_prompt_embeds_take_t5_positions_and_region_masks_lag(pipe):
+    """With ``prompt_embeds`` and no prompt, subjects are T5 positions (0 is a word);
+    a user's region mask lags on the token grid as attention masks do."""
+    embeds, pooled, _ = pipe.encode_prompt(PROMPTS[0], None, max_sequence_length=16)
+    by_word = pipe(PROMPTS[0], subjects=["hedgehog"], generator=_gens()[0],
+                   return_timestep_maps=True, **RUN)
+    by_position = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, subjects=[[1, 2]],
+                       generator=_gens()[0], return_timestep_maps=True, **RUN)
+    assert torch.equal(by_position.timestep_maps, by_word.timestep_maps)
+    first = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, subjects=[0],
+                 generator=_gens()[0], **RUN)
+    assert first.mode == "asyndm"
+    region = np.zeros((16, 16), np.uint8)
+    region[:8, :8] = 1  # the top-left 4 x 4 tokens
+    out = pipe(PROMPTS[0], region_mask=region, k=0.5, generator=_gens()[0],
+               return_timestep_maps=True, **RUN)
+    expect = torch.full((8, 8), BACKGROUND)
+    expect[:4, :4] = 0
+    assert torch.equal(out.masks[0], expect)
+    step2 = out.timestep_maps[2, 0]
+    assert bool((step2[:4, :4] > step2[7, 7]).all())
+    assert bool((step2[expect < 0] == step2[7, 7]).all())
+
+
 def test_enable_on_a_stock_flux_pipeline_and_removal_restores_it(components, reference_images):
     stock = reference_pipeline(components)
     scheduler = stock.scheduler

@@ -50,16 +50,17 @@ def _per_prompt(subjects: Sequence, n_prompts: int) -> list[list]:
     return [list(subjects)] * n_prompts
 
 
-def _positions_only(specs: Sequence, k) -> list[ResolvedSubject]:
-    """Subjects given as token positions, for a call with ``prompt_embeds`` and no prompt."""
+def _positions_only(specs: Sequence, k, first: int = 1) -> list[ResolvedSubject]:
+    """Subjects given as token positions, for a call with ``prompt_embeds`` and no prompt;
+    ``first``: the first prompt token (1 after CLIP's start token, 0 for Flux's T5)."""
     ks = k_values(k, len(specs), "subjects")
     out = []
     for spec, kk in zip(specs, ks):
         if isinstance(spec, int):
             spec = (spec,)
-        if isinstance(spec, str) or not all(isinstance(p, int) and p > 0 for p in spec):
+        if isinstance(spec, str) or not all(isinstance(p, int) and p >= first for p in spec):
             raise ValueError("with prompt_embeds and no prompt, give subjects as token "
-                             f"positions (ints > 0), not {spec!r}")
+                             f"positions (ints >= {first}), not {spec!r}")
         out.append(ResolvedSubject(label=f"tokens{list(spec)}", positions=tuple(spec), k=kk))
     return out
 
@@ -184,7 +185,8 @@ class AsynDMHooks:
             return
         n_prompts = embeds.shape[0] // n_per_prompt
         if prompt is None:  # prompt_embeds given: subjects must be token positions
-            resolved = [_positions_only(s, self.k) for s in _per_prompt(specs, n_prompts)]
+            resolved = [_positions_only(s, self.k, 0 if self.flux else 1)
+                        for s in _per_prompt(specs, n_prompts)]
         else:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             resolved = [resolve_subjects(subject_tokenizer(self.pipe), p, s, self.k)
@@ -229,7 +231,8 @@ class AsynDMHooks:
                 self.capture = (joint(self.unet, grid, self.mask_level)
                                 if self.mmdit else
                                 self.capture_cls(self.unet, grid, self.mask_level)).install()
-            self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz))
+            self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz),
+                               run.subjects.weights)  # subject maps straight out
             self._capturing = True
         if not st.lagging:
             return None
@@ -257,8 +260,7 @@ class AsynDMHooks:
     def _post(self, module, args, output):
         if self._capturing:
             self._capturing = False
-            token_attn = self.capture.stop()  # (B, P, hm, wm)
-            self.run.attention = self.run.subjects.subject_attention(token_attn)
+            self.run.attention = self.capture.stop()  # (B, S, hm, wm)
         return output
 
 
