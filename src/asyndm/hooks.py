@@ -231,8 +231,7 @@ class AsynDMHooks:
                 self.capture = (joint(self.unet, grid, self.mask_level)
                                 if self.mmdit else
                                 self.capture_cls(self.unet, grid, self.mask_level)).install()
-            self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz),
-                               run.subjects.weights)  # subject maps straight out
+            self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz))
             self._capturing = True
         if not st.lagging:
             return None
@@ -260,7 +259,8 @@ class AsynDMHooks:
     def _post(self, module, args, output):
         if self._capturing:
             self._capturing = False
-            self.run.attention = self.capture.stop()  # (B, S, hm, wm)
+            token_attn = self.capture.stop()  # (B, P, hm, wm)
+            self.run.attention = self.run.subjects.subject_attention(token_attn)
         return output
 
 
