@@ -463,6 +463,10 @@ def test_enable_on_a_stock_flux_pipeline_and_removal_restores_it(components, ref
     assert all(type(b.norm).__name__ == "AdaLayerNormZeroSingle"
                for b in model.single_transformer_blocks)
     assert np.array_equal(stock(PROMPTS, generator=_gens(), **RUN).images, reference_images)
+    # the diffusers way to the subclass: from_pipe shares the components
+    sub = AsynDMFluxPipeline.from_pipe(stock)
+    sub.set_progress_bar_config(disable=True)
+    assert np.array_equal(sub(PROMPTS, generator=_gens(), **RUN).images, reference_images)
 
 
 def test_pipeline_rejects_bad_arguments(pipe):
