@@ -145,3 +145,20 @@ def test_packaged_prompt_sets(suite):
     loaded = load_suite(paper_suite(suite))
     assert len(loaded.entries) == 40 and all(e.subjects and e.k for e in loaded.entries)
     assert {e.category for e in loaded.entries} == {suite}
+
+
+def test_bench_takes_metric_weights_by_path(env, tmp_path):
+    from asyndm.bench.paper import WEIGHT_FOLDERS
+
+    out = tmp_path / "bench"
+    qwen = env / "weights" / WEIGHT_FOLDERS["qwen"]
+    assert bench_main(["bench", "--suite", str(paper_suite("drawbench")), "--model",
+                       str(env / "sd"), "--modes", "dm", "--metrics", "qwenscore",
+                       "--metric-path", f"qwen={qwen}", "--limit", "1", "--seeds", "1",
+                       "--steps", "2", "--device", "cpu", "--out", str(out), "--no-progress",
+                       "--threads", "1"]) == 0
+    with Store(out) as store:
+        names = [v["name"] for v in store.metric_values()]
+    assert names == ["qwenscore"]
+    with pytest.raises(SystemExit):
+        bench_main(["bench", "--metric-path", "qwen", "--out", str(out)])

@@ -38,6 +38,14 @@ def _shard(text: str) -> tuple[int, int]:
     return shard
 
 
+def _metric_path(text: str) -> tuple[str, str]:
+    key, eq, path = text.partition("=")
+    if not eq or not key.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=DIR such as qwen=weights/qwen, "
+                                         f"got {text!r}")
+    return key.strip(), path.strip()
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (also sets its formatter and example)."""
     parser.formatter_class = HelpFormatter
@@ -65,10 +73,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run folder: results.sqlite, images/, bench_config.json; running "
                         "again resumes")
     p.add_argument("--metrics", nargs="*", default=None,
-                   help="metrics to score with (shapes, clipscore) (default: shapes for the "
-                        "shapes suite, none otherwise)")
+                   help="metrics to score with (shapes, clipscore; the paper's imagereward, "
+                        "openclip, bertscore, qwenscore) (default: shapes for the shapes "
+                        "suite, none otherwise)")
     p.add_argument("--clip-model", default=None,
                    help="local CLIP model folder (safetensors) for the clipscore metric")
+    p.add_argument("--metric-path", dest="metric_paths", action="append", default=[],
+                   type=_metric_path, metavar="KEY=DIR",
+                   help="a local weights folder of a metric (repeatable): imagereward=, "
+                        "openclip=, qwen= (bertscore, qwenscore), bertscore= "
+                        "(docs/paper_protocol.md) (default: none)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="images (seeds of one prompt) per pipeline call")
     p.add_argument("--device", default="auto",
@@ -96,7 +110,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         suite=args.suite, out=args.out, model=args.model, variants=variants, seeds=args.seeds,
         first_seed=args.first_seed, steps=args.steps, guidance=args.guidance, eta=args.eta,
         metrics=None if args.metrics is None else tuple(args.metrics),
-        clip_model=args.clip_model, batch_size=args.batch_size, device=args.device,
+        clip_model=args.clip_model, metric_paths=tuple(args.metric_paths),
+        batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, shard=args.shard, limit=args.limit,
         categories=None if args.categories is None else tuple(args.categories),
     )
