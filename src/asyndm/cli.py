@@ -14,10 +14,19 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
-from .cli_base import (CURVE_NAMES, DTYPE_NAMES, MASK_MODES, MODES, HelpFormatter,
-                       add_threads_option, quiet_foreign_notices, torch_threads)
+from .cli_base import (ALL_MODES, CURVE_NAMES, DTYPE_NAMES, MASK_MODES, MODE_HELP, MODES,
+                       HelpFormatter, add_threads_option, quiet_foreign_notices, torch_threads)
 
 EMBEDDED_GUIDANCE_TEXT = "2.0 for the embedded model, 7.5 for any other"
+
+
+def _mode_spec(text: str) -> str:
+    """``MODE[:KEY=VALUE,...]`` whose MODE is known (its options are checked by the config)."""
+    name = text.strip().partition(":")[0]
+    if name not in ALL_MODES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from "
+                                         f"{', '.join(ALL_MODES)})")
+    return text.strip()
 
 
 def _add_generation_options(p: argparse.ArgumentParser, modes_default: str | None) -> None:
@@ -33,9 +42,15 @@ def _add_generation_options(p: argparse.ArgumentParser, modes_default: str | Non
     p.add_argument("--curve", choices=CURVE_NAMES, default="quadratic",
                    help="concave curve of subject pixels")
     if modes_default is not None:
-        p.add_argument("--mode", dest="modes", action="append", choices=MODES, default=None,
-                       help="mode to run; repeat for several "
-                            f"(default: {modes_default})")
+        p.add_argument("--mode", dest="modes", action="append", default=None, type=_mode_spec,
+                       metavar="MODE[:KEY=VALUE,...]",
+                       help=f"mode to run; repeat for several (default: {modes_default}). "
+                            + MODE_HELP)
+    else:
+        p.add_argument("--mode", dest="modes", action="append", default=None, type=_mode_spec,
+                       metavar="MODE[:KEY=VALUE,...]",
+                       help="a competitor to add as a column after DM, DM_concave and AsynDM; "
+                            "repeat for several (default: none). " + MODE_HELP)
     p.add_argument("--mask-mode", choices=MASK_MODES, default="dynamic",
                    help="dynamic: previous step's attention; static: from a DM run of the seed")
     p.add_argument("--mask-threshold", type=float, default=1.0,
@@ -95,7 +110,7 @@ def _cmd_generate(args) -> int:
 def _cmd_compare(args) -> int:
     from .generate import compare
 
-    result = compare(_config_from_args(args, MODES))
+    result = compare(_config_from_args(args, MODES + tuple(args.modes or ())))
     for path in result.paths:
         print(path)
     return 0
@@ -214,7 +229,7 @@ _EXAMPLES = {
     "generate": "example:\n  asyndm generate "
                 "--prompt 'a red circle to the left of a blue square' \\\n"
                 "      --subjects 'red circle' 'blue square' --mode dm --mode asyndm "
-                "--steps 20 --out out/gen",
+                "--mode cfgpp:lam=0.6 --steps 20 --out out/gen",
     "compare": "example:\n  asyndm compare "
                "--prompt 'a red circle to the left of a blue square' \\\n"
                "      --subjects 'red circle' 'blue square' --steps 20 --num-images 2 "

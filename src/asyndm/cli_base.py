@@ -2,7 +2,8 @@
 
 Nothing here imports torch or diffusers, so ``asyndm --help`` and argument errors answer at
 once. The names repeat the library's registries (``asyndm.sampler.MODES``,
-``asyndm.schedules.CURVES``); ``tests/test_cli.py`` checks that they stay equal.
+``asyndm.methods.METHODS``, ``asyndm.schedules.CURVES``); ``tests/test_cli.py`` and
+``tests/test_methods.py`` check that they stay equal.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 MODES = ("dm", "dm_concave", "asyndm")
+METHOD_NAMES = ("cfgpp", "s_cfg", "z_sampling", "seg", "pag", "attend_excite")
+"""The competitors of ``asyndm.methods.METHODS`` (a test keeps the two equal)."""
+ALL_MODES = MODES + METHOD_NAMES
+MODE_HELP = ("MODE[:KEY=VALUE,...] with MODE one of " + ", ".join(ALL_MODES) + "; KEY=VALUE "
+             "sets a competitor's parameters, e.g. cfgpp:lam=0.6, seg:scale=3, "
+             "z_sampling:zigzag=10 (see docs/methods.md)")
 MASK_MODES = ("dynamic", "static")
 CURVE_NAMES = ("exponential", "piecewise", "quadratic")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")

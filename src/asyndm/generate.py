@@ -4,6 +4,11 @@ Image ``i`` of seed ``S`` uses a CPU generator seeded ``S + i`` and is generated
 (batch 1), so it depends on its seed only, and image 0 of ``dm`` equals diffusers' own
 pipeline for ``generator=torch.Generator().manual_seed(S)``. Every mode of one image starts
 from a freshly seeded generator, so the modes share the initial and per-step noise.
+
+A mode is ``dm``, ``dm_concave``, ``asyndm`` or one of the competitors of
+:mod:`asyndm.methods`, optionally with its parameters (``cfgpp:lam=0.6``, ``seg:scale=3``).
+``config.json`` records, per mode, its parameters, whether it used the subjects, and its
+cost (model evaluations and seconds per image).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import inspect
 import json
 import math
 import os
+import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +26,8 @@ import torch
 from PIL import Image
 
 from .loading import default_guidance, label_progress, load_pipeline
+from .methods import (METHOD_NAMES, METHODS, Call, count_model_calls, method_params,
+                      params_dict, run_method, split_mode)
 from .sampler import MASK_MODES, MODES, StepRecord
 from .schedules import CURVES
 from .subjects import check_for_pipeline
@@ -32,6 +41,29 @@ MIN_STEPS = 2
 model, a blur on Stable Diffusion. Fewer than two steps are refused rather than drawn."""
 MAX_SEED = 2**63 - 1
 """``torch.Generator.manual_seed`` takes a signed 64-bit seed."""
+
+
+SUBJECT_MODES = ("dm_concave", "asyndm", "attend_excite")
+"""Modes that read the subjects; every other mode accepts them and records it did not."""
+
+
+def parse_mode(spec: str) -> tuple[str, object | None]:
+    """``"MODE[:KEY=VALUE,...]"`` -> ``(mode, params)``; ``params`` is ``None`` for dm,
+    dm_concave and asyndm (their settings are the run's own options)."""
+    mode, items = split_mode(spec)
+    if mode in MODES:
+        if items:
+            raise ValueError(f"mode {spec!r}: {mode} takes no KEY=VALUE options here (its "
+                             "settings are --k, --curve, --mask-mode, --mask-threshold)")
+        return mode, None
+    if mode not in METHODS:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES + METHOD_NAMES}")
+    return mode, method_params(mode, items)
+
+
+def mode_label(spec: str) -> str:
+    """A file-name form of a mode spec: ``cfgpp:lam=0.6`` -> ``cfgpp-lam-0.6``."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", spec.strip()).strip("-")
 
 
 def _finite(name: str, value: float) -> None:
@@ -76,17 +108,17 @@ class GenerateConfig:
             raise ValueError("prompt must not be empty")
         if not self.modes:
             raise ValueError("give at least one mode")
-        for m in self.modes:
-            if m not in MODES:
-                raise ValueError(f"unknown mode {m!r}; choose from {MODES}")
+        parsed = [parse_mode(m) for m in self.modes]
         if len(set(self.modes)) != len(self.modes):
             raise ValueError(f"each mode once, got {list(self.modes)}")
         if self.curve not in CURVES:
             raise ValueError(f"unknown curve {self.curve!r}; choose from {sorted(CURVES)}")
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask mode {self.mask_mode!r}; choose from {MASK_MODES}")
-        if set(self.modes) - {"dm"} and not self.subjects:
-            raise ValueError("modes dm_concave and asyndm need --subjects (words of the prompt)")
+        needing = sorted({m for m, _ in parsed if m in SUBJECT_MODES})
+        if needing and not self.subjects:
+            raise ValueError(f"mode(s) {', '.join(needing)} need --subjects (words of the "
+                             "prompt)")
         if len(self.k) not in (1, max(len(self.subjects), 1)):
             raise ValueError(f"give one k or one per subject ({len(self.subjects)}), "
                              f"got {len(self.k)}")
@@ -120,6 +152,9 @@ class GenerateConfig:
     def k_values(self) -> float | list[float]:
         return self.k[0] if len(self.k) == 1 else list(self.k)
 
+    def uses_subjects(self) -> bool:
+        return any(parse_mode(m)[0] in SUBJECT_MODES for m in self.modes)
+
 
 @dataclass
 class RunResult:
@@ -136,8 +171,9 @@ def _atomic_save(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-OUTPUT_PATTERNS = tuple(f"{m}_seed*.png" for m in MODES) + (
-    "compare.png", "timesteps_seed*.gif", "config.json")
+OUTPUT_PATTERNS = tuple(f"{m}_seed*.png" for m in MODES + METHOD_NAMES) + tuple(
+    f"{m}-*_seed*.png" for m in METHOD_NAMES) + ("compare.png", "timesteps_seed*.gif",
+                                                 "config.json")
 """What generate / compare write at the top of ``--out`` (what ``overwrite`` removes)."""
 
 
@@ -187,7 +223,7 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 def check_with_pipeline(cfg: GenerateConfig, pipe) -> tuple[int, int]:
     """The checks that need the loaded model (subjects, k, image size); returns the size."""
-    if set(cfg.modes) - {"dm"}:
+    if cfg.uses_subjects():
         check_for_pipeline(pipe, cfg.prompt, list(cfg.subjects), cfg.k_values(), cfg.steps,
                            cfg.curve)
     return image_size(pipe, cfg.height, cfg.width)
@@ -218,51 +254,94 @@ def run_modes(cfg: GenerateConfig, pipe=None, keep_records: bool = False) -> Run
     height, width = check_with_pipeline(cfg, pipe)
     if cfg.overwrite:
         _remove_earlier_outputs(out)
-    write_config(cfg, out, {"model_resolved": str(getattr(pipe, "name_or_path", cfg.model)),
-                            "height": height, "width": width,
-                            "threads": torch.get_num_threads()})
+    modes_info = _modes_info(cfg)
+    extra_cfg = {"model_resolved": str(getattr(pipe, "name_or_path", cfg.model)),
+                 "height": height, "width": width, "threads": torch.get_num_threads(),
+                 "modes_resolved": modes_info}
+    write_config(cfg, out, extra_cfg)
+    positions = _subject_positions(pipe, cfg)
     result = RunResult()
     # flow-matching pipelines (SD3) step deterministically and take no eta
     extra = {"eta": cfg.eta} if "eta" in inspect.signature(pipe.__call__).parameters else {}
     # a one-prompt list, so that diffusers sees prompt and negative prompt of one type
     negative = None if cfg.negative_prompt is None else [cfg.negative_prompt]
-    for mode in cfg.modes:
-        result.images[mode], result.records[mode] = [], []
+    for spec in cfg.modes:
+        mode, params = parse_mode(spec)
+        result.images[spec], result.records[spec] = [], []
+        seconds, evals = 0.0, 0
         for i in range(cfg.num_images):
             seed = cfg.seed + i
-            label_progress(pipe, f"{mode} image {i + 1}/{cfg.num_images} (seed {seed}), "
+            label_progress(pipe, f"{spec} image {i + 1}/{cfg.num_images} (seed {seed}), "
                                  "denoising steps")
             records: list[StepRecord] = []
-            img = pipe(
-                [cfg.prompt], subjects=list(cfg.subjects) or None, k=cfg.k_values(),
-                mode=mode, curve=cfg.curve, mask_mode=cfg.mask_mode,
-                mask_threshold=cfg.mask_threshold, num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance, **extra,
-                generator=torch.Generator().manual_seed(seed), height=height, width=width,
-                negative_prompt=negative, callback=records.append if keep_records else None,
-            ).images[0]
-            path = out / f"{mode}_seed{seed}.png"
+            start = time.perf_counter()
+            with count_model_calls(pipe) as calls:
+                if params is None:
+                    img = pipe(
+                        [cfg.prompt], subjects=list(cfg.subjects) or None, k=cfg.k_values(),
+                        mode=mode, curve=cfg.curve, mask_mode=cfg.mask_mode,
+                        mask_threshold=cfg.mask_threshold, num_inference_steps=cfg.steps,
+                        guidance_scale=cfg.guidance, **extra,
+                        generator=torch.Generator().manual_seed(seed), height=height,
+                        width=width, negative_prompt=negative,
+                        callback=records.append if keep_records else None,
+                    ).images[0]
+                else:
+                    gen = torch.Generator().manual_seed(seed)
+                    call = Call(prompt=cfg.prompt, generators=(gen,), steps=cfg.steps,
+                                guidance=cfg.guidance, eta=extra.get("eta"), height=height,
+                                width=width, negative_prompt=cfg.negative_prompt,
+                                subject_positions=positions)
+                    img = run_method(pipe, mode, call, params)[0]
+            seconds += time.perf_counter() - start
+            evals += calls.rows
+            path = out / f"{mode_label(spec)}_seed{seed}.png"
             _atomic_save(img, path)
-            result.images[mode].append(img)
-            result.records[mode].append(records)
+            result.images[spec].append(img)
+            result.records[spec].append(records)
             result.paths.append(path)
+        modes_info[spec]["model_evals_per_image"] = evals / cfg.num_images
+        modes_info[spec]["seconds_per_image"] = round(seconds / cfg.num_images, 4)
+    write_config(cfg, out, extra_cfg)  # again, with the costs
     return result
 
 
+def _modes_info(cfg: GenerateConfig) -> dict[str, dict]:
+    """Per mode: its method parameters and whether it reads the subjects."""
+    info = {}
+    for spec in cfg.modes:
+        mode, params = parse_mode(spec)
+        info[spec] = {"mode": mode, "params": None if params is None else params_dict(params),
+                      "used_subjects": bool(cfg.subjects) and mode in SUBJECT_MODES}
+    return info
+
+
+def _subject_positions(pipe, cfg: GenerateConfig) -> tuple[tuple[int, ...], ...]:
+    if not cfg.subjects:
+        return ()
+    from .subjects import resolve_subjects
+
+    ks = [cfg.k[0]] * len(cfg.subjects) if len(cfg.k) == 1 else list(cfg.k)
+    return tuple(s.positions for s in resolve_subjects(pipe.tokenizer, cfg.prompt,
+                                                       list(cfg.subjects), ks))
+
+
 def compare(cfg: GenerateConfig, pipe=None) -> RunResult:
-    """All three modes, a side-by-side grid and the AsynDM timestep-map animation(s)."""
-    cfg = GenerateConfig(**{**asdict(cfg), "modes": MODES})
+    """DM, DM_concave and AsynDM (plus the competitor modes in ``cfg.modes``), a side-by-side
+    grid and the AsynDM timestep-map animation(s)."""
+    extra = tuple(m for m in cfg.modes if parse_mode(m)[0] not in MODES)
+    cfg = GenerateConfig(**{**asdict(cfg), "modes": MODES + extra})
     result = run_modes(cfg, pipe, keep_records=True)
     out = Path(cfg.out)
-    rows = [[result.images[m][i] for m in MODES] for i in range(cfg.num_images)]
+    rows = [[result.images[m][i] for m in cfg.modes] for i in range(cfg.num_images)]
     k = "/".join(f"{v:g}" for v in cfg.k)
     subjects = ", ".join(map(str, cfg.subjects))
     header = (f"{cfg.prompt}  [subjects: {subjects}]\n{cfg.steps} DDIM steps, guidance "
               f"{cfg.guidance:g}, eta {cfg.eta:g}, {cfg.mask_mode} masks at "
               f"{cfg.mask_threshold:g} x mean; model: {cfg.model or 'embedded (32x32)'}")
     grid = comparison_grid(
-        rows, mode_titles(k, cfg.curve),
-        [f"seed {cfg.seed + i}: all three modes start from the same noise"
+        rows, mode_titles(k, cfg.curve) + [f"{m}\n(asyndm.methods)" for m in extra],
+        [f"seed {cfg.seed + i}: all {len(cfg.modes)} modes start from the same noise"
          for i in range(cfg.num_images)], header=header)
     grid_path = out / "compare.png"
     _atomic_save(grid, grid_path)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_base import DTYPE_NAMES, MODES, HelpFormatter, add_threads_option
+from ..cli_base import ALL_MODES, DTYPE_NAMES, MODES, HelpFormatter, add_threads_option
 
 __all__ = ["add_bench_arguments", "add_report_arguments", "run_bench_cli", "run_report_cli"]
 
 BENCH_EXAMPLE = """\
 variants: MODE[:KEY=VALUE,...] with keys curve, k, mask (dynamic|static), thr, name,
-  e.g. asyndm:curve=piecewise,k=0.5 or asyndm:mask=static,thr=1.2,name=static
+  e.g. asyndm:curve=piecewise,k=0.5 or asyndm:mask=static,thr=1.2,name=static;
+  the competitors take their own keys (docs/methods.md), e.g. cfgpp:lam=0.6, seg:scale=3,
+  pag:scale=3, s_cfg:rate_max=3, z_sampling:zigzag=10, attend_excite:scale_factor=20
 
 example (the embedded model on ShapesBench, then the report):
   asyndm bench --suite shapes --modes dm dm_concave asyndm \\
@@ -57,8 +59,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                    help="built-in suite name (shapes) or a JSON prompt file: a list of "
                         "prompts (paper format, with <stem>_item.json beside it) or of "
                         '{"prompt", "subjects", "k", "category"} objects')
-    p.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES),
-                   help="modes to run with default settings (one variant each)")
+    p.add_argument("--modes", nargs="*", choices=ALL_MODES, default=list(MODES),
+                   metavar="MODE",
+                   help="modes to run with default settings (one variant each): "
+                        + ", ".join(ALL_MODES))
     p.add_argument("--variant", dest="variants", action="append", default=[],
                    metavar="MODE[:KEY=VALUE,...]",
                    help="an extra variant (repeatable); syntax below")

@@ -268,13 +268,26 @@ def _plot_examples(examples: list[dict], variants: list[str], metric: str, root:
 
 def _write_csv(rows: list[dict], path: Path) -> None:
     fields = ["metric", "suite", "category", "variant", "n", "mean", "baseline", "n_pairs",
-              "diff", "ci_low", "ci_high", "better", "worse"]
+              "diff", "ci_low", "ci_high", "better", "worse", "model_evals", "seconds"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k])
                         for k in fields})
+
+
+def _cost(results, variants: list[str]) -> dict[str, dict]:
+    """Per variant: images, mean denoiser evaluations and seconds per image (nan if the store
+    predates the evaluation counts)."""
+    out = {}
+    for v in variants:
+        mine = [r for r in results if r["variant"] == v]
+        evals = [r["model_evals"] for r in mine if r["model_evals"] is not None]
+        out[v] = {"images": len(mine),
+                  "model_evals": float(np.mean(evals)) if evals else math.nan,
+                  "seconds": float(np.mean([r["seconds"] for r in mine])) if mine else math.nan}
+    return out
 
 
 def write_report(out_dir: str | Path, *, baseline: str = "dm", n_resamples: int = N_RESAMPLES,
@@ -295,6 +308,10 @@ def write_report(out_dir: str | Path, *, baseline: str = "dm", n_resamples: int 
         results, scores = _load(store)
     variants = _variant_order(results, config)
     rows = _table(results, scores, variants, baseline, n_resamples, seed)
+    cost = _cost(results, variants)
+    for r in rows:
+        r.update(model_evals=cost[r["variant"]]["model_evals"],
+                 seconds=cost[r["variant"]]["seconds"])
     csv_path = root / "results.csv"
     _write_csv(rows, csv_path)
     plots = tuple(p for m in sorted(scores)
@@ -331,21 +348,26 @@ def write_report(out_dir: str | Path, *, baseline: str = "dm", n_resamples: int 
     for metric in sorted(scores):
         lines += [f"## {_md(metric)}", "",
                   f"| suite | category | variant | n | mean | diff vs {_md(baseline)} "
-                  f"| {int(LEVEL * 100)}% CI | better / worse |",
-                  "|---|---|---|---:|---:|---:|---|---|"]
+                  f"| {int(LEVEL * 100)}% CI | better / worse | evals / image | s / image |",
+                  "|---|---|---|---:|---:|---:|---|---|---:|---:|"]
         for r in (r for r in rows if r["metric"] == metric):
             ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["n_pairs"] else ""
             bw = f"{r['better']} / {r['worse']}" if r["n_pairs"] else ""
             lines.append(f"| {_md(r['suite'])} | {_md(r['category'])} | {_md(r['variant'])} "
-                         f"| {r['n']} | {_fmt(r['mean'])} | {_fmt(r['diff'])} | {ci} | {bw} |")
+                         f"| {r['n']} | {_fmt(r['mean'])} | {_fmt(r['diff'])} | {ci} | {bw} "
+                         f"| {_fmt(r['model_evals'], 1)} | {_fmt(r['seconds'])} |")
         plot = root / f"diff_{slug(metric)}.png"
         if plot in plots:
             lines += ["", f"![{_md(metric)} differences]({plot.name})"]
         lines.append("")
-    lines += ["## Timing", "", "| variant | images | seconds / image |", "|---|---:|---:|"]
+    lines += ["## Cost", "", "Denoiser evaluations (batch rows: CFG is 2 per step) and wall "
+              "seconds per image, as recorded by the run.", "",
+              "| variant | images | model evals / image | seconds / image |",
+              "|---|---:|---:|---:|"]
     for v in variants:
-        secs = [r["seconds"] for r in results if r["variant"] == v]
-        lines.append(f"| {_md(v)} | {len(secs)} | {_fmt(float(np.mean(secs)))} |")
+        c = cost[v]
+        lines.append(f"| {_md(v)} | {c['images']} | {_fmt(c['model_evals'], 1)} "
+                     f"| {_fmt(c['seconds'])} |")
     lines.append("")
     if grid is not None:
         lines += ["## Examples where the variants disagree", "",

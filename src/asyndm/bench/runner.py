@@ -9,6 +9,11 @@ the same seed in a batch of another size can differ in the last bit (measured: o
 value). ``batch_size`` is therefore pinned in the store like the other settings, and each
 row records the size of the call that made it (a resumed partial batch may be smaller).
 
+Every variant's pipeline call is counted (:func:`asyndm.methods.count_model_calls`): each row
+records its seconds and denoiser evaluations per image and the call's forward calls. The
+competitors of :mod:`asyndm.methods` run through :func:`asyndm.methods.run_method` with the
+same generators; those that read no subjects get none (their rows record ``subjects: null``).
+
 Resuming is by construction (see :mod:`asyndm.bench.store`): what the store has is skipped,
 so a killed run started again continues where it stopped and a finished run does nothing.
 The settings that decide images (model, steps, guidance, eta, dtype, batch size, each
@@ -46,6 +51,7 @@ from tqdm.auto import tqdm
 
 from ..generate import MAX_SEED, MIN_STEPS
 from ..loading import default_guidance
+from ..methods import METHODS, Call, count_model_calls, run_method
 from ..sampler import MODES
 from ..schedules import SchedulePlan
 from ..subjects import resolve_subjects
@@ -295,18 +301,33 @@ class _Worker:
     def image_path(self, entry: BenchEntry, seed: int, variant: Variant) -> str:
         return f"images/{entry.prompt_id}/s{seed}_{variant_dirname(variant.name)}.png"
 
+    def _method_images(self, entry: BenchEntry, variant: Variant, seeds: list[int],
+                       subjects: list | None, k: list | None) -> list:
+        positions = () if subjects is None else tuple(
+            s.positions for s in resolve_subjects(self.pipe.tokenizer, entry.prompt, subjects, k))
+        call = Call(prompt=entry.prompt,
+                    generators=tuple(torch.Generator().manual_seed(s) for s in seeds),
+                    steps=self.config.steps, guidance=self.config.guidance,
+                    eta=self.eta.get("eta"), subject_positions=positions)
+        return run_method(self.pipe, variant.mode, call, variant.method_params())
+
     def run(self, entry: BenchEntry, variant: Variant, seeds: list[int]) -> None:
         cfg = self.config
         subjects, k = _subject_settings(entry, variant)
         extra = {} if subjects is None else {"subjects": subjects, "k": k}
         start = time.perf_counter()
-        images = self.pipe(
-            entry.prompt, mode=variant.mode, curve=variant.curve, mask_mode=variant.mask_mode,
-            mask_threshold=variant.mask_threshold, num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance, num_images_per_prompt=len(seeds),
-            generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pil",
-            **self.eta, **extra,
-        ).images
+        with count_model_calls(self.pipe) as calls:
+            if variant.mode in METHODS:
+                images = self._method_images(entry, variant, seeds, subjects, k)
+            else:
+                images = self.pipe(
+                    entry.prompt, mode=variant.mode, curve=variant.curve,
+                    mask_mode=variant.mask_mode, mask_threshold=variant.mask_threshold,
+                    num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                    num_images_per_prompt=len(seeds),
+                    generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    output_type="pil", **self.eta, **extra,
+                ).images
         seconds = (time.perf_counter() - start) / len(seeds)
         scores = score_images(self.metrics, images, [entry] * len(images))
         rows = []
@@ -321,7 +342,9 @@ class _Worker:
                 prompt_id=entry.prompt_id, seed=seed, variant=variant.name,
                 suite=self.suite.name, category=entry.category, prompt=entry.prompt,
                 settings=settings, image=rel, image_sha256=digest, seconds=seconds,
-                batch_size=len(seeds), worker=self.worker_id, metrics=score))
+                batch_size=len(seeds), worker=self.worker_id, metrics=score,
+                model_evals=calls.per_image(len(seeds)) if calls.counted else None,
+                model_calls=calls.calls if calls.counted else None))
         self.store.add_results(rows)
 
     def rescore(self, units: set[tuple[str, int]], by_id: dict[str, BenchEntry]) -> int:

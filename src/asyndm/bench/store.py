@@ -11,7 +11,10 @@ Schema (``SCHEMA_VERSION`` 1)::
             image TEXT,           -- path relative to the run folder
             image_sha256 TEXT,
             seconds REAL,         -- generation wall time per image (batch time / batch size)
-            batch_size INTEGER, worker TEXT, created_at TEXT)
+            batch_size INTEGER, worker TEXT, created_at TEXT,
+            model_evals REAL,     -- denoiser evaluations per image (rows / images of the call;
+                                  -- CFG: 2 per step), NULL in stores made before it existed
+            model_calls INTEGER)  -- denoiser forward calls of the pipeline call that made it
     metrics(result_id INTEGER REFERENCES results(id), name TEXT, value REAL, details TEXT,
             PRIMARY KEY (result_id, name))          -- value NULL = metric failed
 
@@ -74,6 +77,8 @@ _SCHEMA = (
         batch_size INTEGER NOT NULL,
         worker TEXT NOT NULL,
         created_at TEXT NOT NULL,
+        model_evals REAL,
+        model_calls INTEGER,
         UNIQUE (prompt_id, seed, variant))""",
     """CREATE TABLE IF NOT EXISTS metrics (
         result_id INTEGER NOT NULL REFERENCES results(id) ON DELETE CASCADE,
@@ -106,6 +111,10 @@ class ResultRow:
     worker: str
     metrics: dict[str, tuple[float | None, dict | None]] = field(default_factory=dict)
     """metric name -> (value, details)."""
+    model_evals: float | None = None
+    """Denoiser evaluations (batch rows) per image."""
+    model_calls: int | None = None
+    """Denoiser forward calls of the pipeline call (all its images together)."""
 
 
 def _dumps(value: Any) -> str:
@@ -146,6 +155,11 @@ class Store:
                 with self.transaction() as cur:
                     for statement in _SCHEMA:
                         cur.execute(statement)
+                    # stores made before the cost columns existed gain them (NULL there)
+                    have = {r[1] for r in cur.execute("PRAGMA table_info(results)")}
+                    for col, kind in (("model_evals", "REAL"), ("model_calls", "INTEGER")):
+                        if col not in have:
+                            cur.execute(f"ALTER TABLE results ADD COLUMN {col} {kind}")
                 break
             except sqlite3.OperationalError as err:
                 if "locked" not in str(err) or time.monotonic() > deadline:
@@ -201,11 +215,12 @@ class Store:
             for r in rows:
                 cur.execute(
                     "INSERT INTO results (prompt_id, seed, variant, suite, category, prompt, "
-                    "settings, image, image_sha256, seconds, batch_size, worker, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    "settings, image, image_sha256, seconds, batch_size, worker, created_at, "
+                    "model_evals, model_calls) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (r.prompt_id, r.seed, r.variant, r.suite, r.category, r.prompt,
                      _dumps(r.settings), r.image, r.image_sha256, float(r.seconds),
-                     r.batch_size, r.worker, _now()),
+                     r.batch_size, r.worker, _now(), r.model_evals, r.model_calls),
                 )
                 if cur.rowcount == 1:
                     added += 1

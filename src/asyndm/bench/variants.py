@@ -12,6 +12,11 @@ A variant is written on the command line as ``MODE[:KEY=VALUE,KEY=VALUE,...]``:
 
 Examples: ``dm``, ``asyndm:curve=piecewise,k=0.5``, ``asyndm:mask=static,thr=1.2,name=static``.
 
+The competitors of :mod:`asyndm.methods` (``cfgpp``, ``s_cfg``, ``z_sampling``, ``seg``,
+``pag``, ``attend_excite``) take their own parameters as keys (the fields of their parameter
+dataclass, e.g. ``cfgpp:lam=0.6``, ``seg:scale=3,sigma=10``, ``z_sampling:zigzag=10``,
+``attend_excite:scale_factor=10``) plus ``name``; the table's keys do not apply to them.
+
 Without ``name=`` a variant is named by its mode plus the options that differ from the
 defaults, in the order of the table (``asyndm:curve=piecewise,k=0.5``); so ``--modes dm
 dm_concave asyndm`` gives the variants ``dm``, ``dm_concave`` and ``asyndm``. Names are
@@ -26,6 +31,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..methods import METHOD_NAMES, METHODS, method_params, params_dict
 from ..sampler import MASK_MODES, MODES
 from ..schedules import CURVES
 
@@ -43,6 +49,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,:+-]{0,79}")
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _KEYS = ("curve", "k", "mask", "thr", "name")
 _ALLOWED = {"dm": {"name"}, "dm_concave": {"curve", "k", "name"}, "asyndm": set(_KEYS)}
+SUBJECT_MODES = ("dm_concave", "asyndm", "attend_excite")
+ALL_MODES = MODES + METHOD_NAMES
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class Variant:
         k: curve strength for every subject, or ``None`` to use each prompt's own k.
         mask_mode: ``"dynamic"`` or ``"static"`` (``asyndm``).
         mask_threshold: multiple of the spatial mean that claims a pixel (``asyndm``).
+        params: a competitor's ``(key, value)`` parameters as given (``()``: its defaults).
     """
 
     name: str
@@ -64,13 +73,19 @@ class Variant:
     k: float | None = None
     mask_mode: str = DEFAULT_MASK_MODE
     mask_threshold: float = DEFAULT_MASK_THRESHOLD
+    params: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise ValueError(f"variant name {self.name!r} must be 1-80 characters of "
                              "letters, digits and _.=,:+- starting with a letter or digit")
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose from {MODES}")
+        if self.mode not in ALL_MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {ALL_MODES}")
+        if self.params and self.mode not in METHODS:
+            raise ValueError(f"variant {self.name!r}: mode {self.mode} takes no method "
+                             "parameters")
+        if self.mode in METHODS:
+            self.method_params()  # validates
         if self.curve not in CURVES:
             raise ValueError(f"unknown curve {self.curve!r}; choose from {sorted(CURVES)}")
         if self.k is not None and not (math.isfinite(self.k) and 0 < self.k < 1):
@@ -82,11 +97,20 @@ class Variant:
 
     @property
     def needs_subjects(self) -> bool:
-        return self.mode != "dm"
+        return self.mode in SUBJECT_MODES
+
+    def method_params(self):
+        """The competitor's parameter dataclass (``None`` for dm, dm_concave, asyndm)."""
+        return method_params(self.mode, dict(self.params)) if self.mode in METHODS else None
 
     def settings(self) -> dict[str, Any]:
         """The settings that decide this variant's images (stored with every result)."""
-        return asdict(self)
+        if self.mode in METHODS:
+            return {"name": self.name, "mode": self.mode,
+                    "params": params_dict(self.method_params())}
+        data = asdict(self)
+        del data["params"]  # dm / asyndm settings stay as stores before the methods saw them
+        return data
 
 
 def _canonical_name(mode: str, opts: dict[str, str]) -> str:
@@ -97,8 +121,10 @@ def _canonical_name(mode: str, opts: dict[str, str]) -> str:
 def parse_variant(text: str) -> Variant:
     """Parse ``MODE[:KEY=VALUE,...]`` (see the module docstring) into a :class:`Variant`."""
     mode, _, rest = text.strip().partition(":")
-    if mode not in MODES:
-        raise ValueError(f"variant {text!r}: unknown mode {mode!r}; choose from {MODES}")
+    if mode not in ALL_MODES:
+        raise ValueError(f"variant {text!r}: unknown mode {mode!r}; choose from {ALL_MODES}")
+    if mode in METHODS:
+        return _parse_method(text, mode, rest)
     opts: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -126,6 +152,38 @@ def parse_variant(text: str) -> Variant:
         curve=opts.get("curve", DEFAULT_CURVE), k=k,
         mask_mode=opts.get("mask", DEFAULT_MASK_MODE), mask_threshold=thr,
     )
+
+
+def _parse_method(text: str, mode: str, rest: str) -> Variant:
+    """A competitor's variant: its parameter keys plus ``name``."""
+    fields = [f for f in method_params(mode).__dataclass_fields__]
+    opts: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not value:
+            raise ValueError(f"variant {text!r}: expected KEY=VALUE, got {item!r}")
+        if key != "name" and key not in fields:
+            raise ValueError(f"variant {text!r}: unknown key {key!r}; {mode} keys are "
+                             f"{tuple(fields) + ('name',)}")
+        if key in opts:
+            raise ValueError(f"variant {text!r}: {key!r} given twice")
+        opts[key] = value
+    name = opts.pop("name", None)
+    try:
+        params = method_params(mode, opts)
+    except ValueError as err:
+        raise ValueError(f"variant {text!r}: {err}") from None
+    resolved = params_dict(params)
+    shown = [f"{k}={_show(resolved[k])}" for k in fields if k in opts]
+    return Variant(name=name or mode + (":" + ",".join(shown) if shown else ""), mode=mode,
+                   params=tuple((k, opts[k]) for k in fields if k in opts))
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def default_variants(modes: tuple[str, ...] | list[str]) -> tuple[Variant, ...]:

@@ -1,13 +1,13 @@
 """The training-free competitors of the paper's Table 1, one module each, one interface.
 
-| mode            | method (source)                                  | runs through            | SDXL |
-|-----------------|--------------------------------------------------|-------------------------|------|
-| ``cfgpp``       | CFG++, Chung et al. ICLR 2025                    | pure DDIM loop          | no*  |
-| ``s_cfg``       | S-CFG, Shen et al. CVPR 2024                     | parent + probes + hook  | yes  |
-| ``z_sampling``  | Z-Sampling, Bai et al. ICLR 2025                 | pure DDIM loop          | no*  |
-| ``seg``         | SEG, Hong NeurIPS 2024                           | PAG pipeline + processor| yes  |
-| ``pag``         | PAG, Ahn et al. ECCV 2024 (diffusers core)       | diffusers PAG pipeline  | yes  |
-| ``attend_excite``| Attend-and-Excite, Chefer et al. SIGGRAPH 2023  | pure DDIM loop + grads  | no*  |
+| mode | method (source) | runs through | SDXL |
+|---|---|---|---|
+| ``cfgpp`` | CFG++, Chung et al. ICLR 2025 | pure DDIM loop | no* |
+| ``s_cfg`` | S-CFG, Shen et al. CVPR 2024 | parent + probes + hook | yes |
+| ``z_sampling`` | Z-Sampling, Bai et al. ICLR 2025 | pure DDIM loop | no* |
+| ``seg`` | SEG, Hong NeurIPS 2024 | PAG pipeline + processor | yes |
+| ``pag`` | PAG, Ahn et al. ECCV 2024 (diffusers core) | diffusers PAG pipeline | yes |
+| ``attend_excite`` | Attend-and-Excite, Chefer et al. 2023 | pure DDIM loop + grads | no* |
 
 (*) the method allows SDXL; this implementation is for SD 1.x / 2.x and the embedded model
 and refuses SDXL with a one-line ``ValueError``. Each module's docstring gives the equation,
@@ -28,10 +28,25 @@ from .seg import METHOD as _SEG
 from .z_sampling import METHOD as _Z
 
 __all__ = ["METHODS", "METHOD_NAMES", "Call", "Method", "ModelCalls", "count_model_calls",
-           "method_params", "params_dict", "parse_params", "run_method"]
+           "method_params", "params_dict", "parse_params", "run_method", "split_mode"]
 
 METHODS: dict[str, Method] = {m.name: m for m in (_CFGPP, _SCFG, _Z, _SEG, _PAG, _AE)}
 METHOD_NAMES = tuple(METHODS)
+
+
+def split_mode(text: str) -> tuple[str, dict[str, str]]:
+    """``"MODE[:KEY=VALUE,...]"`` -> ``(MODE, {KEY: VALUE})`` (syntax only; keys unchecked)."""
+    mode, _, rest = text.strip().partition(":")
+    items: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ValueError(f"mode {text!r}: expected KEY=VALUE, got {item!r}")
+        if key in items:
+            raise ValueError(f"mode {text!r}: {key!r} given twice")
+        items[key] = value
+    return mode, items
 
 
 def method_params(mode: str, items: dict[str, str] | None = None):

@@ -141,6 +141,8 @@ class ModelCalls:
     calls: int = 0
     rows: int = 0
     per_call_rows: list[int] = field(default_factory=list)
+    counted: bool = True
+    """False when the pipeline exposed no ``unet`` / ``transformer`` to count."""
 
     def per_image(self, images: int) -> float:
         """Network evaluations per image: rows / images (batch-size independent)."""
@@ -152,6 +154,10 @@ def count_model_calls(pipe) -> Iterator[ModelCalls]:
     """Count ``pipe.unet``'s forward calls in the body (a removable forward-pre hook)."""
     counter = ModelCalls()
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if net is None:  # a wrapper object: nothing to count
+        counter.counted = False
+        yield counter
+        return
 
     def hook(module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))

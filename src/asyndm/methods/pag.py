@@ -46,7 +46,9 @@ def pag_pipeline(pipe, layers: str, processors: tuple | None = None):
         else StableDiffusionPAGPipeline
     accepted = inspect.signature(cls.__init__).parameters
     comps = {k: v for k, v in pipe.components.items() if k in accepted}
-    comps["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    # clip_sample off here only so that the PAG __init__ has nothing to warn about or rewrite
+    comps["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config,
+                                                          clip_sample=False)
     extra = {}
     if "requires_safety_checker" in accepted:
         extra["requires_safety_checker"] = False
