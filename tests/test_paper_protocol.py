@@ -103,6 +103,8 @@ def test_shards_fill_one_store_and_the_first_writes_the_table(env, tmp_path, cap
             keys = sorted((r["seed"], r["variant"]) for r in store.results())
         assert keys == [(0, "asyndm"), (0, "dm"), (1, "asyndm"), (1, "dm")]
     assert (out / "paper_table.md").is_file()
+    saved = json.loads((out / "paper_config.json").read_text())
+    assert saved["suites"] == ["animal", "geneval"] and saved["shard"] == [0, 2]
 
 
 def test_missing_weights_fail_before_any_model_is_loaded(env, tmp_path, capsys):

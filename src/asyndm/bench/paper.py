@@ -9,7 +9,9 @@ Each prompt set is one resumable :func:`asyndm.bench.runner.run_bench` run folde
 ``out/`` (``out/animal``, ...), so an interrupted run started again continues where it
 stopped. Under ``accelerate launch --num_processes N`` every process takes its share of the
 (prompt, seed) units of every set; when all are done the first one writes each set's
-``report.md`` and the combined ``paper_table.md``.
+``report.md``, the combined ``paper_table.md`` and ``paper_config.json``. With ``--shard I/N``
+by hand (no barrier) shard 0 reports what the store holds when it finishes; run the command
+again once every shard is done to report on everything.
 
 The methods are the paper's (:data:`PAPER_METHODS`) that the bench's variant registry knows:
 a method whose mode is not registered in this version is listed as not run, not faked.
@@ -18,9 +20,10 @@ a method whose mode is not registered in this version is listed as not run, not 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .metrics import PAPER_METRICS, PATH_KEYS
@@ -187,6 +190,8 @@ def run_paper(config: PaperConfig, progress: bool = True) -> PaperSummary:
 
         for s in config.suites:
             write_report(Path(config.out) / s, baseline="dm")
+        (Path(config.out) / "paper_config.json").write_text(
+            json.dumps(asdict(config), indent=2) + "\n")
         table = write_paper_table(config.out, config.suites, config.metrics,
                                   config.missing_methods)
     return PaperSummary(runs=runs, table=table, missing_methods=config.missing_methods)
