@@ -393,3 +393,15 @@ def test_bench_records_model_evals_and_the_report_shows_them(tmp_path):
     assert '"subjects": null' in subjects[0]
     text = write_report(out, n_resamples=50).report.read_text()
     assert "| evals / image | s / image |" in text and "| pag | 1 | 9.0 |" in text
+
+
+@pytest.mark.parametrize("mode,opts", [("pag", {"scale": "0"}), ("seg", {"scale": "0"}),
+                                       ("s_cfg", {"rate_min": "1", "rate_max": "1"})])
+def test_sdxl_methods_run_and_degenerate_to_dm(sdxl_components, mode, opts):
+    p = AsynDMXLPipeline(**sdxl_components)
+    p.set_progress_bar_config(disable=True)
+    dm = p(PROMPT, num_inference_steps=2, guidance_scale=5.0, output_type="np",
+           generator=[torch.Generator().manual_seed(0)]).images
+    call = _call(steps=2, guidance=5.0, eta=None)
+    assert np.array_equal(run_method(p, mode, call, method_params(mode, opts)), dm)
+    assert not np.array_equal(run_method(p, mode, call), dm)
