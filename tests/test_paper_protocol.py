@@ -164,3 +164,16 @@ def test_bench_takes_metric_weights_by_path(env, tmp_path):
     assert names == ["qwenscore"]
     with pytest.raises(SystemExit):
         bench_main(["bench", "--metric-path", "qwen", "--out", str(out)])
+
+
+def test_every_registered_method_runs_in_the_protocol(env, tmp_path, capsys):
+    runnable, _ = available_methods()
+    args = _args(env, tmp_path / "all", "--suites", "animal", "--metrics")
+    i = args.index("--methods")
+    del args[i : i + 3]  # the default: every paper method the registry knows
+    args[args.index("--seeds") + 1] = "1"
+    assert bench_main(args) == 0
+    with Store(tmp_path / "all" / "animal") as store:
+        variants = sorted(r["variant"] for r in store.results())
+    assert variants == sorted(runnable)
+    assert f"paper animal 1/1: {len(runnable)} images" in capsys.readouterr().out

@@ -96,7 +96,8 @@ class MetricOptions:
     device: str | torch.device = "cpu"
     clip_model: str | None = None
     paths: dict[str, str] = field(default_factory=dict)
-    """Weight folders of user-registered metrics, by metric name."""
+    """Local weight folders by key: a metric's name (``imagereward``, ``openclip``,
+    ``bertscore``, user-registered ones) or ``qwen``, the VLM of bertscore and qwenscore."""
     batch_size: int = 32
 
 
