@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +182,34 @@ def test_every_registered_method_runs_in_the_protocol(env, tmp_path, capsys):
         variants = sorted(r["variant"] for r in store.results())
     assert variants == sorted(runnable)
     assert f"paper animal 1/1: {len(runnable)} images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs accelerate launch")
+def test_two_processes_under_accelerate_launch_share_the_work(env, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "launched"
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), "-m", "asyndm.bench"]
+    args = _args(env, out, "--suites", "animal", "geneval", "--metrics", "openclip",
+                 "qwenscore")
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    res = subprocess.run(launch + args, env=env_vars, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for suite in ("animal", "geneval"):
+        with Store(out / suite) as store:
+            rows = store.results()
+            scored = {v["name"] for v in store.metric_values()}
+        assert sorted((r["seed"], r["variant"]) for r in rows) == \
+            [(0, "asyndm"), (0, "dm"), (1, "asyndm"), (1, "dm")]
+        assert {r["worker"].rsplit(":", 1)[1] for r in rows} == {"0/2", "1/2"}
+        assert scored == {"openclip", "qwenscore"}
+    table = (out / "paper_table.md").read_text()  # written once both processes were done
+    assert "| method | animal | geneval |" in table
+    # both seeds of both sets in the table: the report waited for the other process
+    assert re.search(r"\| dm \| -?\d+\.\d{3} \(n=2\) \| -?\d+\.\d{3} \(n=2\) \|", table)
