@@ -224,15 +224,25 @@ def test_capture_keeps_outputs_and_reads_subject_columns():
 
     handles = [getattr(attn, n).register_forward_hook(keep_first(n))
                for n in ("norm_q", "norm_k", "norm_added_k")]
+    calls = []
+    handles.append(attn.to_q.register_forward_hook(lambda m, a, o: calls.append(1)))
     positions = torch.tensor([[0, 3], [2, 2]])  # (B, P) T5 columns of rows 1 and 2
     with FluxAttentionCapture(model, (4, 6), layers=(layer,)) as cap:
         cap.start(positions, rows=slice(1, 3))
         out = model(timestep=t, **kw)[0]
         maps = cap.stop()  # (B, P, h, w)
+        assert len(calls) == 1  # the processor's own queries and keys, not recomputed
+        for handle in cap._handles:  # without the norm hooks: recomputed, the same maps
+            handle.remove()
+        cap.start(positions, rows=slice(1, 3))
+        model(timestep=t, **kw)
+        recomputed = cap.stop()
+        assert len(calls) == 3
     for h in handles:
         h.remove()
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref) and torch.equal(recomputed, maps)
     assert attn.processor is original
+    assert not any(m._forward_hooks for m in model.modules())
     # reference: the processor's own q and k, rotated at cat(txt_ids, img_ids), an explicit
     # softmax over [text; image] keys
     cos, sin = model.pos_embed(torch.cat([kw["txt_ids"], kw["img_ids"]]))
