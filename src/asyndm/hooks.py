@@ -206,8 +206,9 @@ class AsynDMHooks:
         run = self.run
         if self.flux:  # the denoising loop has begun; packed latents carry no grid
             self._encoded = False
-            hidden = args[0] if args else kwargs["hidden_states"]  # (M, N, C)
-            run.token_grid = token_grid(kwargs.get("img_ids"), hidden.shape[1])
+            if run.pixels is None:  # once per run (reading img_ids syncs with the device)
+                hidden = args[0] if args else kwargs["hidden_states"]  # (M, N, C)
+                run.token_grid = token_grid(kwargs.get("img_ids"), hidden.shape[1])
         if run.subjects is None:
             return None  # dm without subjects: nothing lags, nothing to capture
         key = "hidden_states" if self.mmdit else "sample"
