@@ -178,6 +178,7 @@ class NaiveAttentionCapture:
         self.unet = unet
         self.level = choose_level(unet, latent_hw) if level is None else level
         self.map_hw = level_size(latent_hw, self.level)
+        self._weights: torch.Tensor | None = None
         self.kept = {name for name, (lvl, _) in cross_attention_layers(unet).items()
                      if lvl == self.level}
         self._store = _MaskLevelStore()
@@ -199,14 +200,19 @@ class NaiveAttentionCapture:
 
     install, remove = __enter__, __exit__
 
-    def start(self, positions: torch.Tensor, rows: slice = slice(None)) -> None:
+    def start(self, positions: torch.Tensor, rows: slice = slice(None),
+              weights: torch.Tensor | None = None, text: torch.Tensor | None = None) -> None:
         st = self._store
         st.positions, st.rows, st.total, st.count = positions, rows, None, 0
+        self._weights = weights  # (B, S, P) subject averaging, or None
 
     def stop(self) -> torch.Tensor:
-        """``(B, P, hm, wm)``: mean over heads, then over the mask-level layers."""
+        """``(B, P, hm, wm)`` (with weights: ``(B, S, hm, wm)``): mean over heads, then over
+        the mask-level layers."""
         st = self._store
         mean = st.total / st.count  # (B, N, P)
         st.positions, st.total, st.count = None, None, 0
-        bsz, _, n_pos = mean.shape
-        return mean.transpose(1, 2).reshape(bsz, n_pos, *self.map_hw)  # (B, P, hm, wm)
+        if self._weights is not None:  # the subjects: weighted means of their columns
+            mean = torch.bmm(mean, self._weights.to(mean).transpose(1, 2))  # (B, N, S)
+        bsz, _, n_maps = mean.shape
+        return mean.transpose(1, 2).reshape(bsz, n_maps, *self.map_hw)  # (B, P | S, hm, wm)

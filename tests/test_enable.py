@@ -69,7 +69,11 @@ def test_reproduces_the_pinned_outputs_of_the_reimplemented_call(case, sd_compon
     kw.setdefault("mode", "asyndm")
     out = pipe(PROMPT, generator=_gen(), output_type="latent", return_timestep_maps=True, **kw)
     assert torch.equal(out.timestep_maps, ref[f"{case}.timestep_maps"])
-    assert torch.equal(out.images.float(), ref[f"{case}.latents"])
+    # Bit for bit up to 466ce4c. Since then the ResNets' time projections of a level run as
+    # one matrix over the U distinct timesteps (one row each, not one per sample and
+    # timestep), which moves float32 round-off in the SD cases: measured <= 6.4e-5 over
+    # 10 steps; the maps, where masks and schedules decide, stay exact.
+    torch.testing.assert_close(out.images.float(), ref[f"{case}.latents"], atol=2e-4, rtol=0)
 
 
 # -- no AsynDM arguments: the parent, bit for bit ------------------------------------------
@@ -234,8 +238,10 @@ def test_controlnet_sees_the_timestep_map(sd_components):
         pipe(PROMPT, image=torch.rand(1, 3, 32, 32), num_inference_steps=3, output_type="np",
              generator=_gen())
     handle.remove()
-    # step 0 is uniform (every pixel in one region); later steps embed the distinct values
-    assert seen[0] == 2 and max(seen[1:]) >= 2
+    # the ControlNet took the per-pixel path: its time MLP embedded the run's table of every
+    # train timestep once; only the last step (every pixel on the ladder's last rung again)
+    # takes the model's own path, with its (2,) timestep
+    assert seen == [1000, 2]
 
 
 def test_sdxl_default_euler_scheduler(sdxl_components):

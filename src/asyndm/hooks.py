@@ -128,7 +128,11 @@ class AsynDMHooks:
             if run.mode != "dm":
                 adapter = ((FluxPerTokenTimestep if self.flux else PerTokenTimestep)
                            if self.mmdit else self.per_pixel_cls)
-                per_pixel = adapter(model).install()
+                if issubclass(adapter, PerPixelTimestep):  # its table spans the train steps
+                    n_train = int(sched.config.num_train_timesteps)
+                    per_pixel = adapter(model, num_timesteps=n_train).install()
+                else:
+                    per_pixel = adapter(model).install()
                 self._undo.append(per_pixel.remove)
             handle = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
             self._undo.append(handle.remove)
@@ -232,16 +236,18 @@ class AsynDMHooks:
                 self.capture = (joint(self.unet, grid, self.mask_level)
                                 if self.mmdit else
                                 self.capture_cls(self.unet, grid, self.mask_level)).install()
-            self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz))
+            text = None if self.mmdit else (args[2] if len(args) > 2
+                                            else kwargs.get("encoder_hidden_states"))
+            self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz),
+                               run.subjects.weights, text=text)  # subject maps straight out
             self._capturing = True
         if not st.lagging:
             return None
         if self.mmdit:
             return args, self._token_timesteps(kwargs, st, t, rows // bsz)
-        if st.uniform is not None:  # one timestep for every pixel: the model's own path
-            t_map = torch.tensor(st.uniform, device=sample.device)
-        else:
-            t_map = st.timestep_map().repeat(rows // bsz, 1, 1)  # (m B, h, w)
+        # a map even where every pixel shares one timestep: the per-pixel path reads the
+        # run's embedding tables, fewer operators than the model's own scalar path
+        t_map = st.timestep_map().repeat(rows // bsz, 1, 1)  # (m B, h, w)
         if in_args:
             return (args[0], t_map, *args[2:]), kwargs
         return args, {**kwargs, "timestep": t_map}
@@ -260,8 +266,7 @@ class AsynDMHooks:
     def _post(self, module, args, output):
         if self._capturing:
             self._capturing = False
-            token_attn = self.capture.stop()  # (B, P, hm, wm)
-            self.run.attention = self.run.subjects.subject_attention(token_attn)
+            self.run.attention = self.capture.stop()  # (B, S, hm, wm)
         return output
 
 

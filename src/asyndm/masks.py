@@ -35,13 +35,12 @@ def region_labels(
         )
     attn = attention.float()
     mean = attn.mean(dim=(2, 3), keepdim=True)  # (B, S, 1, 1)
-    valid = (k > 0)[:, :, None, None]  # (B, S, 1, 1)
-    claimed = (attn >= threshold * mean) & valid  # (B, S, hm, wm)
-    # Priority: the claiming subject with the largest k; argmax takes the first on ties.
-    priority = torch.where(claimed, k[:, :, None, None].float(), torch.full_like(attn, -1.0))
-    best = priority.argmax(dim=1)  # (B, hm, wm)
-    any_claim = claimed.any(dim=1)  # (B, hm, wm)
-    return torch.where(any_claim, best, torch.full_like(best, BACKGROUND))
+    claimed = attn >= (mean if threshold == 1.0 else threshold * mean)  # (B, S, hm, wm)
+    # Priority: the claiming subject with the largest k; max takes the first on ties. A
+    # pixel's score is its subject's k where claimed, else 0, so unclaimed pixels and padded
+    # subjects (k = 0) never win.
+    best_score, best = (claimed * k.float()[:, :, None, None]).max(dim=1)  # (B, hm, wm)
+    return best.masked_fill(best_score <= 0, BACKGROUND)
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -63,7 +62,7 @@ def k_map_from_labels(labels: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         ``(B, h, w)`` float32.
     """
     bsz, h, w = labels.shape
-    k0 = torch.cat([torch.zeros_like(k[:, :1]), k], dim=1).float()  # (B, S + 1): 0 = background
+    k0 = F.pad(k.float(), (1, 0))  # (B, S + 1): 0 = background
     idx = (labels + 1).reshape(bsz, h * w)  # (B, h*w)
     return k0.gather(1, idx).reshape(bsz, h, w)  # (B, h, w)
 

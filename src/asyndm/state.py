@@ -145,13 +145,14 @@ def ladder_flags(plan: SchedulePlan, step: int, state: torch.Tensor
     if step >= plan.num_steps:
         return False, None, None
     t_map = state.round() if plan.integer_states else state  # what the model is given
-    first = t_map.flatten()[0]
-    flags = torch.stack([(t_map != plan.background_at(step)).any().to(state.dtype),
-                         (t_map != first).any().to(state.dtype), first]).tolist()
+    # from the extremes: no pixel is off the ladder iff both are on it, one value iff equal
+    low, high = torch.stack(t_map.aminmax()).tolist()
     rounded = t_map.long() if plan.integer_states else None
-    if flags[1]:
-        return bool(flags[0]), None, rounded
-    return bool(flags[0]), int(flags[2]) if plan.integer_states else flags[2], rounded
+    rung = plan.background_at(step)
+    lagging = not (low == rung and high == rung)
+    if low != high:
+        return lagging, None, rounded
+    return lagging, int(low) if plan.integer_states else low, rounded
 
 
 def begin(

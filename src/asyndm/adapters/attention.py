@@ -67,26 +67,61 @@ def choose_level(unet: nn.Module, latent_hw: tuple[int, int]) -> int:
 
 
 class _Store:
-    """Running sum of ``(B, N, P)`` probabilities over the layers of one UNet call."""
+    """Running sum over the layers of one UNet call, of ``(B, N, P)`` token probabilities
+    or, where a processor folds the subjects in, ``(B, N, S)`` subject probabilities."""
 
     def __init__(self) -> None:
         self.positions: torch.Tensor | None = None  # (B, P) token columns to keep
+        self.weights: torch.Tensor | None = None  # (B, S, P) subject averaging, optional
         self.rows: slice = slice(None)
         self.total: torch.Tensor | None = None
         self.count = 0
+        self.per_subject = False  # whether `total` is (B, N, S)
 
     def add(self, probs: torch.Tensor) -> None:
+        """Add ``(B, N, P)`` head-mean probabilities of the subject token columns."""
+        if self.per_subject:
+            raise RuntimeError("token and subject probabilities mixed in one capture")
         self.total = probs if self.total is None else self.total + probs
+        self.count += 1
+
+    def add_folded(self, probs: torch.Tensor, fold: torch.Tensor) -> None:
+        """Add ``probs @ fold``: ``(B, N, K) @ (B, K, S)`` to a ``(B, N, S)`` sum."""
+        if self.total is not None and not self.per_subject:
+            raise RuntimeError("token and subject probabilities mixed in one capture")
+        self.per_subject = True
+        self.total = (torch.bmm(probs, fold) if self.total is None
+                      else torch.baddbmm(self.total, probs, fold))  # (B, N, S)
         self.count += 1
 
 
 class CaptureProcessor:
-    """Delegates to the layer's original processor and records subject-token attention."""
+    """Delegates to the layer's original processor and records subject-token attention.
+
+    With subject weights set (:meth:`AttentionCapture.start`), a layer without query / key
+    norms records the subjects' head-mean probability in two matrix products per call:
+
+    * scores: ``q_h . k_hl = x Wq_h^T k_hl`` for every head ``h`` and text token ``l``, so
+      ``x @ M`` with ``M = [Wq_h^T k_h * scale]_h`` ``(C, H * L)``, made once per run from
+      the (fixed) text keys: the query projection is folded in, and ``M`` costs about what
+      the query projection did (``L`` = 77 is close to the head size);
+    * after the softmax over each head's ``L`` columns, ``probs @ F`` with ``F`` ``(H * L, S)``
+      holding ``w_sp / H`` at the rows ``(h, position p)``: the subject mean over its tokens
+      and the mean over heads, accumulated into the layer sum by the same ``baddbmm``.
+
+    Otherwise it recomputes the query-key probabilities of the subject columns explicitly.
+    """
+
+    fold_subjects = True
+    """Whether the folded path applies (cross-attention ``q = x Wq^T + b``); subclasses with
+    other attention maths set it to ``False``."""
 
     def __init__(self, inner, store: _Store) -> None:
         self.inner = inner
         self.store = store
-        self._keys: tuple | None = None  # (text tensor, its version, rows, (B, H, d, L) keys)
+        self._keys: tuple | None = None  # (cache key, (B, H, d, L) keys)
+        self._folded: tuple | None = None  # (cache key, M (B, C, H*L), bias, F (B, H*L, S))
+        self.ready: tuple | None = None  # this call's (M, bias, F), made before the call
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         # passed on exactly as received: processors differ in what they accept (the sliced
@@ -95,21 +130,34 @@ class CaptureProcessor:
         encoder_hidden_states = args[0] if args else kwargs.get("encoder_hidden_states")
         st = self.store
         if st.positions is not None and encoder_hidden_states is not None:
-            st.add(self._subject_probs(attn, hidden_states, encoder_hidden_states))
+            if (self.fold_subjects and st.weights is not None
+                    and getattr(attn, "norm_q", None) is None
+                    and getattr(attn, "norm_k", None) is None):
+                fold = self.ready or self._fold(attn, encoder_hidden_states)
+                self._add_folded(attn, hidden_states, fold)
+            else:
+                st.add(self._subject_probs(attn, hidden_states, encoder_hidden_states))
         return out
 
-    def _scaled_keys(self, attn, encoder_hidden_states) -> torch.Tensor:
-        """``(B, H, d, L)`` float32 keys of the recorded rows, times the attention scale.
-
-        The text is the same tensor at every step of a run, so the keys are computed once
-        and kept while that tensor (same object, unmodified) and the rows stay the same.
-        """
+    def _cache_key(self, encoder_hidden_states) -> tuple:
+        """The text is the same tensor at every step of a run: what is made from it is kept
+        while that tensor (same object, unmodified), the rows and the subjects stay."""
         st = self.store
-        cached = self._keys
-        if (cached is not None and cached[0] is encoder_hidden_states
-                and cached[1] == encoder_hidden_states._version and cached[2] == st.rows):
-            return cached[3]
-        ctx = encoder_hidden_states[st.rows]
+        return (encoder_hidden_states, encoder_hidden_states._version, st.rows, st.weights,
+                st.positions)
+
+    @staticmethod
+    def _same(cached: tuple | None, key: tuple) -> bool:
+        return cached is not None and all(
+            a is b if torch.is_tensor(a) or torch.is_tensor(b) else a == b
+            for a, b in zip(cached[0], key))
+
+    def _scaled_keys(self, attn, encoder_hidden_states) -> torch.Tensor:
+        """``(B, H, d, L)`` float32 keys of the recorded rows, times the attention scale."""
+        key = self._cache_key(encoder_hidden_states)
+        if self._same(self._keys, key):
+            return self._keys[1]
+        ctx = encoder_hidden_states[self.store.rows]
         if getattr(attn, "norm_cross", None):
             ctx = attn.norm_encoder_hidden_states(ctx)
         k = attn.to_k(ctx)  # (B, L, H*d)
@@ -118,8 +166,43 @@ class CaptureProcessor:
         if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
         k_t = k.float().transpose(-1, -2) * attn.scale  # (B, H, d, L)
-        self._keys = (encoder_hidden_states, encoder_hidden_states._version, st.rows, k_t)
+        self._keys = (key, k_t)
         return k_t
+
+    def _fold(self, attn, encoder_hidden_states) -> tuple:
+        """``M`` ``(B, C, H*L)``, the query bias's scores ``(B, 1, H*L)`` (or ``None``) and
+        ``F`` ``(B, H*L, S)``, float32, once per run (see the class docstring)."""
+        key = self._cache_key(encoder_hidden_states)
+        if self._same(self._folded, key):
+            return self._folded[1:]
+        st = self.store
+        k_t = self._scaled_keys(attn, encoder_hidden_states)  # (B, H, d, L)
+        bsz, heads, dim, n_k = k_t.shape
+        wq = attn.to_q.weight.float().reshape(heads, dim, -1)  # (H, d, C)
+        fold_m = torch.einsum("hdc,bhdl->bchl", wq, k_t).flatten(2)  # (B, C, H*L)
+        bias = None
+        if attn.to_q.bias is not None:
+            bq = attn.to_q.bias.float().reshape(heads, dim)  # (H, d)
+            bias = torch.einsum("hd,bhdl->bhl", bq, k_t).flatten(1)[:, None]  # (B, 1, H*L)
+        w = st.weights.float().to(k_t.device)  # (B, S, P)
+        cols = torch.zeros(bsz, n_k, w.shape[1], device=k_t.device)  # (B, L, S)
+        cols.scatter_add_(1, st.positions[:, :, None].expand(-1, -1, w.shape[1]),
+                          w.transpose(1, 2))  # token l of subject s: sum of its weights
+        fold_f = (cols / heads).repeat(1, heads, 1)  # (B, H*L, S), rows ordered (h, l)
+        self._folded = (key, fold_m, bias, fold_f)
+        return fold_m, bias, fold_f
+
+    def _add_folded(self, attn, hidden_states, fold: tuple) -> None:
+        st = self.store
+        x = hidden_states[st.rows]
+        if x.ndim == 4:
+            x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        fold_m, bias, fold_f = fold
+        x = x.float()
+        scores = torch.bmm(x, fold_m) if bias is None else torch.baddbmm(bias, x, fold_m)
+        bsz, n_q, _ = scores.shape  # (B, N, H*L)
+        probs = scores.view(bsz, n_q, attn.heads, -1).softmax(dim=-1)  # (B, N, H, L)
+        st.add_folded(probs.view(bsz, n_q, -1), fold_f)
 
     def _subject_probs(self, attn, hidden_states, encoder_hidden_states) -> torch.Tensor:
         st = self.store
@@ -179,18 +262,38 @@ class AttentionCapture:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def start(self, positions: torch.Tensor, rows: slice = slice(None)) -> None:
-        """Record the next UNet call: token columns ``positions`` ``(B, P)`` of rows ``rows``."""
+    def start(self, positions: torch.Tensor, rows: slice = slice(None),
+              weights: torch.Tensor | None = None, text: torch.Tensor | None = None) -> None:
+        """Record the next UNet call: token columns ``positions`` ``(B, P)`` of rows ``rows``;
+        with ``weights`` ``(B, S, P)`` (:attr:`asyndm.state.Subjects.weights`), record the
+        subjects' attention (each the weighted mean of its columns) instead. ``text``: the
+        call's ``encoder_hidden_states``; given, what the layers make from it is made (or
+        found) now, so that the call itself only computes (a compiled model traces no
+        cache checks)."""
         st = self._store
-        st.positions, st.rows, st.total, st.count = positions, rows, None, 0
+        st.positions, st.weights, st.rows = positions, weights, rows
+        st.total, st.count, st.per_subject = None, 0, False
+        for mod in self.layers.values():
+            proc = mod.processor
+            if isinstance(proc, CaptureProcessor):
+                ready = (text is not None and weights is not None and proc.fold_subjects
+                         and getattr(mod, "norm_q", None) is None
+                         and getattr(mod, "norm_k", None) is None)
+                proc.ready = proc._fold(mod, text) if ready else None
 
     def stop(self) -> torch.Tensor:
-        """Stop recording; return ``(B, P, hm, wm)``: mean over heads, then over layers."""
+        """Stop recording; return the mean over heads, then over layers: ``(B, P, hm, wm)``
+        per token column, or ``(B, S, hm, wm)`` per subject when ``weights`` were given."""
         st = self._store
-        if st.total is None:
-            st.positions = None
+        total, count, weights = st.total, st.count, st.weights
+        st.positions, st.weights, st.total, st.count = None, None, None, 0
+        for mod in self.layers.values():
+            if isinstance(mod.processor, CaptureProcessor):
+                mod.processor.ready = None
+        if total is None:
             raise RuntimeError("no attention was captured: was the UNet called?")
-        mean = st.total / st.count  # (B, N, P)
-        st.positions, st.total, st.count = None, None, 0
-        bsz, _, n_pos = mean.shape
-        return mean.transpose(1, 2).reshape(bsz, n_pos, *self.map_hw)  # (B, P, hm, wm)
+        if weights is not None and not st.per_subject:  # token columns: average them now
+            total = torch.bmm(total, weights.to(total).transpose(1, 2))  # (B, N, S)
+        mean = total / count  # (B, N, P | S)
+        bsz, _, n_maps = mean.shape
+        return mean.transpose(1, 2).reshape(bsz, n_maps, *self.map_hw)  # (B, P | S, hm, wm)

@@ -277,6 +277,8 @@ class JointCaptureProcessor(CaptureProcessor):
     The output is the original processor's, unchanged (see :class:`CaptureProcessor`).
     """
 
+    fold_subjects = False  # joint attention: image keys too, so no folded cross-attention
+
     max_elements = 2**26
     """Bound on the float32 score tensor of one chunk of heads (256 MiB)."""
 

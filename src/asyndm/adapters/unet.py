@@ -8,23 +8,29 @@ How it works (no diffusers code is copied or patched):
 
 1. A forward-pre hook on the UNet takes the map out of the call and hands the UNet a
    placeholder ``(B,)`` timestep.
-2. A forward hook on ``unet.time_embedding`` returns zeros, so the per-sample embedding the
-   UNet builds is exactly the *extra* part (SDXL's ``text_time`` addition, class
-   embeddings), which a pre-hook on ``time_embed_act`` (or on the first ResNet) records.
-3. Only the *distinct* timesteps of the map are embedded (sinusoid, then the time MLP, plus
-   the per-sample extra): a table ``(B, U, C)`` with ``U`` usually 2-4.
-4. In every ResNet block a forward hook on ``time_emb_proj`` returns zeros (cancelling the
-   broadcast ``temb`` add), and a forward hook on ``conv1`` adds the block's projection of
-   the table, gathered through the map resized (nearest) to that block's own resolution.
-   Since ``conv1(h) + temb`` is exactly where diffusers adds the embedding for
-   ``time_embedding_norm="default"``, the block computes what it would for a uniform map.
+2. While a map is in use, ``unet.time_proj``, ``unet.time_embedding`` and every ResNet's
+   ``time_emb_proj`` are stand-ins (:class:`_Silenced`) that return cached zeros without
+   computing anything, so the per-sample embedding the UNet builds is exactly the *extra*
+   part (SDXL's ``text_time`` addition, class embeddings), which a pre-hook on
+   ``time_embed_act`` (or on the first ResNet) records, and the ResNets' broadcast
+   ``temb`` adds add zeros. With a scalar or vector timestep the stand-ins call the
+   original modules.
+3. Once per run, every timestep ``0 .. T-1`` is embedded (sinusoid, time MLP, plus the
+   extra) and projected by every ResNet's ``time_emb_proj``, the ResNets of one resolution
+   level as one matrix (their weights concatenated): a table ``(T, sum C)`` per level
+   (``(B T, sum C)`` when the extra differs per sample). That is a few matrix products per
+   run (SD 2.1: 52 GFLOP, 80 MiB in float32), and it is kept while the same conditioning
+   tensors come back, as they do at every step of a pipeline's loop.
+4. Per call, at the first ResNet of a level, one ``embedding`` lookup of the map (resized,
+   nearest, to the level) reads ``(B, h, w, sum C)`` from the table, split into per-ResNet
+   views; a forward hook on each ``conv1`` adds its view, which is where diffusers adds the
+   embedding for ``time_embedding_norm="default"``.
 
 Cost: every operator counts (a fast GPU running SD at batch 1-2 waits on the host's
-operator dispatch), so each ResNet adds two: its ``(B, U)``-row projection and one
-``baddbmm`` that gathers and adds at once (``conv1 + proj @ one_hot``, the one-hot of the
-map at the block's resolution holding a single 1 per pixel, so the sum is exact). The
-activation of the table, the zeros and the per-resolution one-hot maps are made once per
-call (the zeros once per install).
+operator dispatch). Per ResNet this adds one ``add`` and skips the ResNet's projection and
+the UNet's time MLP; per level a lookup and a split. On SD 2.1's architecture that is fewer
+operators than the UNet's own scalar path (``benchmarks/profile_overhead.py``), no host
+synchronisation, and shapes that do not depend on the map's values (for ``torch.compile``).
 
 Removing the hooks (``remove()`` or leaving the ``with`` block) restores the UNet exactly.
 """
@@ -37,6 +43,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from .attention import module_level
+
+
+def _tensors(values) -> tuple:
+    """The tensors among call arguments (one level into dicts, as ``added_cond_kwargs``)."""
+    out = []
+    for v in values:
+        if torch.is_tensor(v):
+            out.append(v)
+        elif isinstance(v, dict):
+            out.extend(x for _, x in sorted(v.items()) if torch.is_tensor(x))
+    return tuple(out)
+
+
+def _unchanged(cached: tuple | None, now: tuple | None) -> bool:
+    """Whether the tensors ``now`` are the ``(tensor, version)`` pairs ``cached``: the same
+    objects, not modified in place since."""
+    if cached is None or now is None:
+        return cached is now
+    return len(cached) == len(now) and all(
+        t is u and t._version == ver for (t, ver), u in zip(cached, now))
 
 
 class UnsupportedModelError(ValueError):
@@ -77,32 +105,89 @@ def _as_map(t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor | None:
     return t.long()
 
 
+class _Silenced(nn.Module):
+    """Stand-in for a time-embedding module: cached zeros while a map is in use.
+
+    ``first_only``: only the first call of each UNet call is silenced (``time_proj`` also
+    embeds ``class_embed_type="timestep"`` labels, which must stay).
+    """
+
+    def __init__(self, inner: nn.Module, owner: "PerPixelTimestep", width: int,
+                 first_only: bool = False) -> None:
+        super().__init__()
+        self.inner, self.width, self.first_only = inner, width, first_only
+        object.__setattr__(self, "owner", owner)  # not a submodule
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        st = self.owner._state
+        if st is None or (self.first_only and st.silenced_time_proj):
+            return self.inner(x, *args, **kwargs)
+        if self.first_only:
+            st.silenced_time_proj = True
+        dtype = torch.float32 if self.first_only else x.dtype  # ``Timesteps`` gives float32
+        return self.owner._zeros((x.shape[0], self.width), dtype, x.device)
+
+
+@dataclass
+class _Group:
+    """ResNets at one resolution whose time projections run as one matrix."""
+
+    resnets: list[nn.Module]
+    act: nn.Module | None  # the activation the ResNets apply to ``temb`` (None: skipped)
+    fused: tuple | None = None  # (key, weight (sum C, C_emb), bias (sum C,))
+
+    def weights(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.resnets[0].time_emb_proj.inner.weight
+        key = (device, dtype, first.data_ptr())
+        if self.fused is None or self.fused[0] != key:
+            projs = [r.time_emb_proj.inner for r in self.resnets]
+            weight = torch.cat([p.weight for p in projs]).to(device, dtype)  # (sum C, C_emb)
+            bias = torch.cat([p.bias for p in projs]).to(device, dtype)  # (sum C,)
+            self.fused = (key, weight, bias)
+        return self.fused[1], self.fused[2]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [r.time_emb_proj.inner.out_features for r in self.resnets]
+
+
 @dataclass
 class _CallState:
     """What one UNet call needs across its hooks; reset at every call."""
 
-    inverse: torch.Tensor | None = None  # (B, h, w) index into `values`
-    values: torch.Tensor | None = None  # (U,) distinct timesteps
+    t_map: torch.Tensor  # (B, h, w) int64
+    source: tuple  # the call's conditioning tensors: the extra embedding is a function of them
     dtype: torch.dtype = torch.float32
-    extra: torch.Tensor | None = None  # (B, C) per-sample embedding before the activation
-    emb: torch.Tensor | None = None  # (B, U, C) full embedding after the activation
-    acts: dict[type, torch.Tensor] = field(default_factory=dict)  # ResNet act -> (B, U, C)
-    one_hot: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (B, U, h*w)
+    silenced_time_proj: bool = False
+    extra: torch.Tensor | None = None  # (B, C) per-sample extra, where recorded in the call
+    tables: list[torch.Tensor] | None = None  # per group: (T | B T, sum C)
+    rows_at: dict[tuple[int, int] | None, torch.Tensor] = field(default_factory=dict)
+    """Table rows per resolution (``None``: the map's own): ``t`` or ``b T + t``."""
+    maps: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # group -> views
 
 
 class PerPixelTimestep:
     """Install per-pixel time-embedding hooks on a ``UNet2DConditionModel``.
 
     Use as a context manager (``with PerPixelTimestep(unet): unet(x, t_map, ...)``) or call
-    :meth:`install` / :meth:`remove`.
+    :meth:`install` / :meth:`remove`. Timesteps of a map lie in ``[0, num_timesteps)``
+    (the scheduler's ``num_train_timesteps``).
     """
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, num_timesteps: int = 1000) -> None:
         check_unet_supported(unet)
         self.unet = unet
+        self.num_timesteps = int(num_timesteps)
         self._handles: list[RemovableHandle] = []
+        # (parent, name, original, stand-in)
+        self._swapped: list[tuple[nn.Module, str, nn.Module, _Silenced]] = []
         self._state: _CallState | None = None
-        self._zeros: dict[tuple, torch.Tensor] = {}
+        self._zero_cache: dict[tuple, torch.Tensor] = {}
+        self._groups: list[_Group] = []
+        self._where: dict[nn.Module, tuple[int, int]] = {}  # ResNet -> (group, index)
+        self._embedded: tuple | None = None  # (device, dtype, weights, (T, C) table)
+        # ((device, dtype), conditioning (tensor, version) pairs or None, per group tables)
+        self._tables: tuple | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def install(self) -> "PerPixelTimestep":
@@ -112,25 +197,60 @@ class PerPixelTimestep:
         add = self._handles.append
         add(unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
         add(unet.register_forward_hook(self._unet_post))
-        add(unet.time_embedding.register_forward_hook(self._zero_when_active))
-        act = getattr(unet, "time_embed_act", None)  # a ControlNetModel has none
-        if act is not None:
+        self._swap(unet, "time_proj", unet.time_proj.num_channels, first_only=True)
+        self._swap(unet, "time_embedding", unet.time_embedding.linear_2.out_features)
+        act = getattr(unet, "time_embed_act", None)  # SD 1.x / 2.x and ControlNets have none
+        record = self._extra_kind() == "recorded"
+        if act is not None and record:
             add(act.register_forward_pre_hook(self._record_extra))
-        for mod in unet.modules():
-            if type(mod).__name__ == "ResnetBlock2D" and mod.time_emb_proj is not None:
-                if act is None:
-                    add(mod.register_forward_pre_hook(self._record_extra_from_resnet,
-                                                      with_kwargs=True))
-                add(mod.time_emb_proj.register_forward_hook(self._zero_when_active))
-                add(mod.conv1.register_forward_hook(self._make_conv1_hook(mod)))
+        groups: dict[tuple, _Group] = {}
+        n_down, n_up = len(unet.down_blocks), len(getattr(unet, "up_blocks", ()))
+        for name, mod in unet.named_modules():
+            if type(mod).__name__ != "ResnetBlock2D" or mod.time_emb_proj is None:
+                continue
+            if act is None and record:
+                add(mod.register_forward_pre_hook(self._record_extra_from_resnet,
+                                                  with_kwargs=True))
+            resnet_act = None if mod.skip_time_act else mod.nonlinearity
+            level = module_level(name, n_down, n_up)
+            key = (name if level is None else level, type(resnet_act))
+            group = groups.setdefault(key, _Group([], resnet_act))
+            self._where[mod] = (list(groups).index(key), len(group.resnets))
+            group.resnets.append(mod)
+            self._swap(mod, "time_emb_proj", mod.time_emb_proj.out_features)
+            add(mod.conv1.register_forward_hook(self._make_conv1_hook(mod)))
+        self._groups = list(groups.values())
         return self
+
+    def _extra_kind(self) -> str:
+        """How the per-sample extra embedding is known: ``"none"`` (no class or added
+        embedding: SD 1.x / 2.x), ``"eager"`` (made before the call with the model's own
+        ``get_class_embed`` / ``get_aug_embed``: SDXL) or ``"recorded"`` (read inside the
+        call, where the model has no such methods: a ControlNet with added embeddings)."""
+        m = self.unet
+        if getattr(m, "class_embedding", None) is None and getattr(m, "add_embedding", None) is None:
+            return "none"
+        if hasattr(m, "get_class_embed") and hasattr(m, "get_aug_embed"):
+            return "eager"
+        return "recorded"
+
+    def _swap(self, parent: nn.Module, name: str, width: int, first_only: bool = False) -> None:
+        original = getattr(parent, name)
+        stand_in = _Silenced(original, self, width, first_only)
+        setattr(parent, name, stand_in)
+        self._swapped.append((parent, name, original, stand_in))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        while self._swapped:
+            parent, name, original, _ = self._swapped.pop()
+            setattr(parent, name, original)
         self._state = None
-        self._zeros.clear()
+        self._zero_cache.clear()
+        self._groups, self._where = [], {}
+        self._embedded = self._tables = None
 
     def __enter__(self) -> "PerPixelTimestep":
         return self.install()
@@ -149,9 +269,16 @@ class PerPixelTimestep:
         t_map = _as_map(t, sample)
         if t_map is None:
             return None
-        values, inverse = torch.unique(t_map, return_inverse=True)  # (U,), (B, h, w)
-        self._state = _CallState(inverse=inverse, values=values, dtype=sample.dtype)
-        placeholder = t_map.flatten(1)[:, 0]  # (B,): its embedding is zeroed below
+        source = (*args[2:], *(v for k, v in sorted(kwargs.items()) if k != "timestep"))
+        st = self._state = _CallState(t_map=t_map, source=_tensors(source), dtype=sample.dtype)
+        for *_, stand_in in self._swapped:  # made outside a compiled call
+            dtype = torch.float32 if stand_in.first_only else sample.dtype
+            self._zeros((sample.shape[0], stand_in.width), dtype, sample.device)
+        kind = self._extra_kind()
+        if kind != "recorded":  # the tables before the call: the call itself only looks up
+            extra = None if kind == "none" else self._eager_extra(sample, args, kwargs, st)
+            self._prepare(st, extra, sample)
+        placeholder = t_map.flatten(1)[:, 0]  # (B,): its embedding is zeroed
         if in_args:
             args = (args[0], placeholder, *args[2:])
         else:
@@ -162,14 +289,12 @@ class PerPixelTimestep:
         self._state = None
         return output
 
-    def _zero_when_active(self, module, args, output):
-        if self._state is None:
-            return None
+    def _zeros(self, shape: tuple, dtype, device) -> torch.Tensor:
         # one zero tensor per shape: the UNet only reads it (``h + temb``, out of place)
-        key = (tuple(output.shape), output.dtype, output.device)
-        zeros = self._zeros.get(key)
+        key = (shape, dtype, device)
+        zeros = self._zero_cache.get(key)
         if zeros is None:
-            zeros = self._zeros[key] = torch.zeros_like(output)
+            zeros = self._zero_cache[key] = torch.zeros(shape, dtype=dtype, device=device)
         return zeros
 
     def _record_extra(self, module, args):
@@ -183,53 +308,116 @@ class PerPixelTimestep:
             st.extra = args[1] if len(args) > 1 else kwargs["temb"]
         return None
 
-    def _embedding(self, st: _CallState) -> torch.Tensor:
-        """``(B, U, C)``: time MLP of each distinct timestep plus the per-sample extra."""
-        if st.emb is None:
-            unet = self.unet
-            t_emb = unet.time_proj(st.values).to(dtype=st.dtype)  # (U, C0)
-            # .forward bypasses our zeroing hook on the same module.
-            table = unet.time_embedding.forward(t_emb)  # (U, C)
-            extra = st.extra if st.extra is not None else torch.zeros_like(table[:1])
-            emb = table[None] + extra[:, None]  # (B, U, C)
-            act = getattr(unet, "time_embed_act", None)
-            if act is not None:
-                emb = act.forward(emb)
-            st.emb = emb
-        return st.emb
+    def _eager_extra(self, sample, args, kwargs, st: _CallState) -> torch.Tensor | None:
+        """``(B, C)`` class plus added embedding, by the model's own methods (``None`` if
+        the tables for this call's conditioning are made already)."""
+        if self._tables is not None and _unchanged(self._tables[1], st.source):
+            return None
+        m = self.unet
+        params = ("encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask",
+                  "cross_attention_kwargs", "added_cond_kwargs")
+        call = {**dict(zip(params, args[2:])), **kwargs}
+        width = m.time_embedding.inner.linear_2.out_features
+        emb = torch.zeros(sample.shape[0], width, device=sample.device, dtype=sample.dtype)
+        extra = m.get_class_embed(sample=sample, class_labels=call.get("class_labels"))
+        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=call.get("encoder_hidden_states"),
+                              added_cond_kwargs=call.get("added_cond_kwargs") or {})
+        if aug is not None:
+            extra = aug if extra is None else extra + aug
+        return emb if extra is None else extra.to(emb.dtype)
 
-    def _one_hot_at(self, st: _CallState, size: tuple[int, int], dtype) -> torch.Tensor:
-        """``(B, U, h_l * w_l)`` one-hot of the map resized (nearest) to a block's resolution."""
-        one_hot = st.one_hot.get(size)
-        if one_hot is None:
-            full_hw = tuple(st.inverse.shape[-2:])
-            if full_hw not in st.one_hot:
-                codes = torch.arange(st.values.numel(), device=st.inverse.device)  # (U,)
-                full = (st.inverse[:, None] == codes[:, None, None]).to(dtype)  # (B, U, h, w)
-                st.one_hot[full_hw] = full.flatten(2)  # (B, U, h*w)
-            one_hot = st.one_hot[full_hw]
-            if size != full_hw:
-                # nearest resizing of the one-hot picks the same pixels as resizing the map
-                full = one_hot.unflatten(2, full_hw)  # (B, U, h, w)
-                one_hot = F.interpolate(full, size=size, mode="nearest").flatten(2)
-                st.one_hot[size] = one_hot  # (B, U, h_l * w_l)
-        return one_hot
+    def _prepare(self, st: _CallState, extra: torch.Tensor | None, like: torch.Tensor) -> None:
+        """The call's tables and its map's table rows (``b T + t`` for per-sample tables)."""
+        st.tables = self._projection_tables(st, extra, like)
+        rows = st.t_map
+        if st.tables[0].shape[0] != self.num_timesteps:  # per sample: b's rows from b * T
+            offset = torch.arange(0, rows.shape[0] * self.num_timesteps, self.num_timesteps,
+                                  device=rows.device)  # (B,)
+            rows = rows + offset[:, None, None]  # (B, h, w)
+        st.rows_at[None] = rows
+
+    # -- the run's tables --------------------------------------------------------------------
+    def _embedding_table(self, device, dtype) -> torch.Tensor:
+        """``(T, C)``: the time MLP of every timestep ``0 .. T-1``, once per device / dtype."""
+        mlp = self.unet.time_embedding.inner
+        weights = mlp.linear_1.weight
+        cached = self._embedded
+        if cached is None or cached[:3] != (device, dtype, weights.data_ptr()):
+            steps = torch.arange(self.num_timesteps, device=device)  # (T,)
+            t_emb = self.unet.time_proj.inner(steps).to(dtype=dtype)  # (T, C0)
+            self._embedded = cached = (device, dtype, weights.data_ptr(), mlp(t_emb))
+        return cached[3]
+
+    def _projection_tables(self, st: _CallState, extra: torch.Tensor | None,
+                           like: torch.Tensor) -> list[torch.Tensor]:
+        """Per group, ``(T, sum C)`` (or ``(B T, sum C)``) projections of the table; kept
+        while the call's conditioning tensors are the same objects, unmodified (``extra``
+        ``None``: none, or the kept tables are this conditioning's)."""
+        per_sample = self._extra_kind() != "none"
+        source = st.source if per_sample else None
+        if (self._tables is not None and self._tables[0] == (like.device, like.dtype)
+                and _unchanged(self._tables[1], source)):
+            return self._tables[2]
+        emb = self._embedding_table(like.device, like.dtype)  # (T, C)
+        if per_sample:
+            emb = emb + extra[:, None]  # (B, T, C)
+        act = getattr(self.unet, "time_embed_act", None)
+        if act is not None:
+            emb = act(emb)
+        acts: dict[type, torch.Tensor] = {}
+        tables = []
+        for group in self._groups:
+            temb = emb
+            if group.act is not None:
+                temb = acts.get(type(group.act))
+                if temb is None:
+                    temb = acts[type(group.act)] = group.act(emb)  # shared by the groups
+            weight, bias = group.weights(like.device, like.dtype)
+            tables.append(F.linear(temb, weight, bias).flatten(0, -2))  # (T | B T, sum C)
+        versions = None if source is None else tuple((t, t._version) for t in source)
+        self._tables = ((like.device, like.dtype), versions, tables)
+        return tables
+
+    def _rows_at(self, st: _CallState, size: tuple[int, int]) -> torch.Tensor:
+        """``(B, h_l, w_l)`` table rows of the map resized (nearest) to a block's resolution."""
+        rows = st.rows_at.get(size)
+        if rows is None:
+            full = st.rows_at[None]
+            h, w = full.shape[-2:]
+            fh, fw = h // size[0], w // size[1]
+            if (fh * size[0], fw * size[1]) == (h, w):  # nearest: every f-th pixel
+                rows = full[:, ::fh, ::fw]
+            else:
+                up = F.interpolate(full[:, None].float(), size=size, mode="nearest")
+                rows = up[:, 0].long()  # (B, h_l, w_l)
+            st.rows_at[size] = rows
+        return rows
+
+    def _group_maps(self, st: _CallState, g: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every ResNet of group ``g``: its projection per pixel, ``(B, C, h, w)`` views."""
+        maps = st.maps.get(g)
+        if maps is None:
+            if st.tables is None:  # the extra was recorded inside this call
+                self._prepare(st, st.extra, like)
+            table = st.tables[g]  # (T | B T, sum C)
+            rows = self._rows_at(st, tuple(like.shape[-2:]))  # (B, h, w)
+            gathered = F.embedding(rows, table)  # (B, h, w, sum C)
+            maps = gathered.permute(0, 3, 1, 2).split(self._groups[g].sizes, dim=1)
+            st.maps[g] = maps  # (B, C_r, h, w) each, channels last in memory
+        return maps
 
     def _make_conv1_hook(self, resnet: nn.Module):
+        g, index = self._where[resnet]
+
         def hook(module, args, output):
             st = self._state
             if st is None:
                 return None
-            act = None if resnet.skip_time_act else type(resnet.nonlinearity)
-            temb = st.acts.get(act)
-            if temb is None:
-                temb = self._embedding(st)
-                if act is not None:
-                    temb = resnet.nonlinearity(temb)
-                st.acts[act] = temb  # (B, U, C), shared by every ResNet with this activation
-            proj = resnet.time_emb_proj.forward(temb).transpose(1, 2)  # (B, C_out, U)
-            one_hot = self._one_hot_at(st, tuple(output.shape[-2:]), proj.dtype)  # (B, U, h*w)
-            # conv1(h) + proj[u(pixel)]: one matmul that gathers and adds (exactly)
-            return torch.baddbmm(output.flatten(2), proj, one_hot).view_as(output)
+            view = self._group_maps(st, g, output)[index]
+            if view.shape != output.shape:
+                raise RuntimeError(f"ResNets grouped as one level disagree on their size "
+                                   f"({tuple(view.shape)} vs {tuple(output.shape)})")
+            # conv1(h) + proj[u(pixel)]: conv1's output is this block's own, fresh tensor
+            return output.add_(view)
 
         return hook
