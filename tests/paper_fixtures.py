@@ -200,6 +200,28 @@ def make_bert(root: Path) -> Path:
 
 
 
+def make_roberta(root: Path) -> Path:
+    """A tiny RoBERTa with a byte-level BPE tokenizer learnt offline (roberta-large's kind)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["a red cat on the table", "two dog with a blue car"] * 5,
+                            vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(root))
+    tok = RobertaTokenizer(vocab=str(root / "vocab.json"), merges=str(root / "merges.txt"),
+                           model_max_length=64)
+    tok.save_pretrained(root)
+    torch.manual_seed(5)
+    RobertaModel(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=37,
+                               max_position_embeddings=70, pad_token_id=tok.pad_token_id)
+                 ).save_pretrained(root, safe_serialization=True)
+    return root
+
+
 def make_weights(root: Path, prompts) -> Path:
     """All four under the folder names of ``asyndm paper --weights`` (WEIGHT_FOLDERS)."""
     from asyndm.bench.paper import WEIGHT_FOLDERS

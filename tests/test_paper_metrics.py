@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from paper_fixtures import (BERT_WORDS, CTX, IL, IP, IS, IT, IV, LAYERS, PATCH, SIZE, TW, W,
-                            make_bert, make_imagereward, make_openclip, make_qwen)
+                            make_bert, make_imagereward, make_openclip, make_qwen,
+                            make_roberta)
 from PIL import Image
 
 from asyndm.bench.metrics import METRICS, MetricOptions, build_metrics, score_images
@@ -274,6 +275,28 @@ def test_bertscore_of_the_caption_against_the_prompt(qwen_dir, bert_dir, images,
         assert s.details["caption"] == cap
     same = metric.score(images[:1], _entries(["a cat on the table"]))
     assert same[0].value == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bertscore_gives_roberta_its_leading_space(qwen_dir, tmp_path, images, monkeypatch):
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = make_roberta(tmp_path / "roberta")
+    opts = MetricOptions(paths={"qwen": str(qwen_dir), "bertscore": str(folder)})
+    metric, = build_metrics(["bertscore"], opts)
+    tok = metric.scorer._tokenizer
+    assert tok.encode("a red cat") == tok.encode(" a red cat")  # "Ġa", as bert-score means
+    monkeypatch.setattr(metric.vlm, "ask", lambda ims, qs, n: ["a cat on the table"])
+    got = metric.score(images[:1], _entries(PROMPTS[:1]))[0].value
+    plain, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
+
+    def emb(text):
+        ids = plain(" " + text, return_tensors="pt")
+        return F.normalize(model(**ids).last_hidden_state[0], dim=-1)  # (L, D), 2 layers
+
+    with torch.no_grad():
+        sim = emb("a cat on the table") @ emb(PROMPTS[0]).T
+    p, r = sim[1:-1].max(1).values.mean().item(), sim[:, 1:-1].max(0).values.mean().item()
+    assert got == pytest.approx(2 * p * r / (p + r), abs=1e-5)
 
 
 # --- missing weights ------------------------------------------------------------------------

@@ -174,6 +174,7 @@ class BertScoreMetric:
         # a local folder: bert-score's AutoModel / AutoTokenizer read it, nothing is fetched
         self.scorer = BERTScorer(model_type=str(folder), num_layers=layers, device=str(opts.device),
                                  batch_size=opts.batch_size)
+        _prefix_space(self.scorer, folder)
         self.layers, self.batch_size = layers, opts.batch_size
 
     def score(self, images: Sequence[Image.Image],
@@ -186,6 +187,25 @@ class BertScoreMetric:
         p, r, f = self.scorer.score(captions, [e.prompt for e in entries])  # (B,) each
         return [MetricScore(float(fi), {"caption": c, "precision": float(pi), "recall": float(ri)})
                 for c, pi, ri, fi in zip(captions, p, r, f)]
+
+
+def _prefix_space(scorer, folder: Path) -> None:
+    """Give byte-level BPE tokenizers (RoBERTa, GPT-2) the leading space bert-score intends.
+
+    bert-score encodes with ``add_prefix_space=True`` for these tokenizers; transformers 5
+    ignores that keyword at ``encode`` time, so the first word would lose its ``Ġ`` (another
+    token than bert-score's published numbers use). Loading the tokenizer with the option
+    restores it.
+    """
+    from transformers import AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
+
+    tok = scorer._tokenizer  # bert-score keeps its tokenizer here
+    if not isinstance(tok, (GPT2Tokenizer, RobertaTokenizer)):
+        return
+    if tok.encode("a b", add_prefix_space=True) != tok.encode(" a b"):
+        scorer._tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=False,
+                                                          add_prefix_space=True,
+                                                          local_files_only=True)
 
 
 def default_layers(folder: Path) -> int:
