@@ -102,6 +102,17 @@ def test_openclip_transformers_folder_gives_the_same_scores(openclip_dir, images
                                                             abs=1e-6)
 
 
+def test_vit_h_14_has_openclips_parameter_count():
+    """OpenCLIP's model table lists ViT-H-14 at 986.11 M parameters."""
+    from transformers import CLIPModel
+
+    from asyndm.bench.metrics_clip import VIT_H_14, clip_config
+
+    with torch.device("meta"):
+        model = CLIPModel(clip_config(VIT_H_14, 49407, 49407))
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(986.11, abs=0.01)
+
+
 def test_clip_pixels_follow_torchvision_rounding():
     im = Image.new("RGB", (50, 30), (255, 0, 0))
     x = clip_pixels([im], 16)

@@ -47,7 +47,8 @@ VIT_H_14: dict[str, Any] = {
 
 _VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size",
                 "patch_dropout"}  # patch_dropout acts in training only
-_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio",
+              "hf_tokenizer_name", "tokenizer_kwargs"}  # the tokenizer comes from the folder
 _AT_DEFAULT = {"ls_init_value": None, "pool_type": ("tok", "argmax")}
 
 
