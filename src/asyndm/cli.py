@@ -298,7 +298,7 @@ def run_parsed(args: argparse.Namespace) -> int:
         print(f"asyndm {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = "; run it again to resume" if args.command == "bench" else ""
+        resume = "; run it again to resume" if args.command in ("bench", "paper") else ""
         print(f"asyndm {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
 
