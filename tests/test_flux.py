@@ -403,7 +403,7 @@ def test_masks_follow_the_subject_tokens(pipe):
         out = pipe(prompt, subjects=["hedgehog", "sandwich"], k=[0.6, 0.4],
                    generator=torch.Generator().manual_seed(0), return_timestep_maps=True, **RUN)
         swapped = pipe(prompt, subjects=["sandwich", "hedgehog"], k=[0.6, 0.4],
-                       generator=torch.Generator().manual_seed(0), **RUN)
+                       mask_layers=[1], generator=torch.Generator().manual_seed(0), **RUN)
     finally:
         for h in handles:
             h.remove()
@@ -413,7 +413,9 @@ def test_masks_follow_the_subject_tokens(pipe):
     assert torch.equal(out.label_maps[1:, 0], expect.expand(3, 8, 8))  # from step 1 on
     swap = torch.full((8, 8), BACKGROUND)
     swap[hedgehog], swap[sandwich] = 1, 0
-    assert torch.equal(swapped.masks[0], swap)
+    assert torch.equal(swapped.masks[0], swap)  # read from the other double-stream block
+    with pytest.raises(ValueError, match="capture layers"):
+        pipe(prompt, subjects=["hedgehog"], mask_layers=[2], **RUN)
     # the regions (known after step 0's attention) lag behind the background from step 2
     # on and arrive with it at the last step
     maps = out.timestep_maps[:, 0]  # (N, h, w)
