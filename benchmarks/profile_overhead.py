@@ -1,6 +1,7 @@
-"""Where AsynDM's per-step overhead over DM goes: one UNet call, variant by variant.
+"""Where AsynDM's per-step overhead over DM goes: operators and host synchronisations.
 
-Each variant is one guided UNet call (CFG, batch 2B) on SD 2.1-base's UNet:
+Each UNet variant is one guided UNet call (CFG, batch 2B) on SD 2.1-base's UNet, with the
+capture reading the subject maps of the conditional rows as the pipeline's hooks do:
 
 ==============  ==========================================================================
 ``dm``          no adapters, scalar timestep (what DM runs)
@@ -11,15 +12,29 @@ Each variant is one guided UNet call (CFG, batch 2B) on SD 2.1-base's UNet:
 ==============  ==========================================================================
 
 plus the sampler's own bookkeeping (``sample()`` with a stub model that returns at once):
-``loop dm`` and ``loop asyndm``; and whole steps of diffusers' own ``StableDiffusionPipeline``
-(``prompt_embeds``, latents out, :data:`PIPE_STEPS` DDIM steps, per step): ``pipeline dm``
-untouched and ``pipeline asyndm`` inside ``asyndm.hooks.AsynDMHooks``, everything AsynDM
-adds per step on the path users run (adapters, scheduler, hooks, masks). For each it
-prints the number of aten operators run and of those that launch a kernel (exact, from a ``TorchDispatchMode``; on a GPU that the host
-cannot keep busy every operator costs host time), and the median wall and process-CPU time
-of interleaved calls (adapters installed outside the timed region, as once per run).
+``loop dm`` and ``loop asyndm``; and diffusers' own ``StableDiffusionPipeline``
+(``prompt_embeds``, latents out, :data:`PIPE_STEPS` DDIM steps): ``pipeline dm`` untouched and
+``pipeline asyndm`` inside ``asyndm.hooks.AsynDMHooks``, everything AsynDM adds on the path
+users run (adapters, scheduler, hooks, masks). The pipeline rows are split at the steps
+(``callback_on_step_end``): ``per step`` is the mean over steps 1 .. N-1, ``first step`` the
+first (the run's one-off work: subjects, the embedding tables, the capture's folded keys).
 
-example: python benchmarks/profile_overhead.py --device cuda --dtype float16 --iters 30
+Operators are aten operators (exact, from a ``TorchDispatchMode``; ``kernels`` leaves out
+those that only make a view): on a GPU that the host cannot keep busy every operator costs
+host time. Host synchronisations are the calls that wait for an accelerator (counted with a
+``TorchFunctionMode`` on any device, the counts do not depend on it): a tensor read on the
+host (``item``, ``tolist``, ``bool`` / ``int`` / ``float``, ``numpy``, ``cpu``), and operators
+whose output size depends on the data (``unique``, ``nonzero``, ``masked_select``, boolean
+indexing). Times are medians of interleaved calls (adapters installed outside the timed
+region, as once per run).
+
+With ``--compile MODE`` the pipeline rows run again with the denoiser compiled
+(:func:`asyndm.compile_denoiser`): the graphs compiled by the first call of each mode, and
+those compiled by a second call with another step count (0: no step-to-step recompilation);
+operators inside compiled graphs are not counted (they run as fused kernels).
+
+example: python benchmarks/profile_overhead.py --resolution 128 --iters 0 --threads 1
+         python benchmarks/profile_overhead.py --device cuda --dtype float16 --compile default
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,7 +59,8 @@ from bench_sd21 import (ADAPTERS, SD21_BASE_SCHEDULER, SUBJECT_K,  # noqa: E402
                         SUBJECT_POSITIONS, build_sd21_unet, make_subjects)
 from harness import parse_dtype, synchronize  # noqa: E402
 
-from asyndm.denoise import DenoiseOutput, UNetDenoiser  # noqa: E402
+from asyndm.compile import COMPILE_MODES, compile_denoiser  # noqa: E402
+from asyndm.denoise import DenoiseOutput  # noqa: E402
 from asyndm.hooks import AsynDMHooks  # noqa: E402
 from asyndm.sampler import sample  # noqa: E402
 from asyndm.schedulers import AsynRun  # noqa: E402
@@ -61,7 +78,7 @@ VARIANTS = {
 
 
 PIPE_STEPS = 6
-"""Steps of the pipeline rows (steps 2..4 per-pixel; 0, 1 and 5 have uniform maps)."""
+"""Steps of the pipeline rows (steps 2..4 per-pixel; 0, 1 uniform maps; nothing lags at 5)."""
 
 VIEW_OPS = frozenset({
     "aten.view", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze", "aten.expand",
@@ -72,14 +89,44 @@ VIEW_OPS = frozenset({
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten operators dispatched inside the ``with`` block."""
+    """Counts the aten operators dispatched inside the ``with`` block, per ``step``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.step = 0
+        self.per_step: Counter[int] = Counter()  # aten operators
+        self.kernels_per_step: Counter[int] = Counter()  # those that are not views
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        self.per_step[self.step] += 1
+        self.kernels_per_step[self.step] += name not in VIEW_OPS
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_CALLS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__",
+                        "numpy", "cpu", "unique", "unique_consecutive", "nonzero",
+                        "masked_select", "argwhere"})
+"""Tensor calls that wait for an accelerator (a host read, or a data-dependent size)."""
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts host synchronisations inside the ``with`` block, per ``step`` (see the module
+    docstring for what counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = 0
+        self.per_step: Counter[int] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        bool_index = (name == "__getitem__" and len(args) > 1 and torch.is_tensor(args[1])
+                      and args[1].dtype == torch.bool)
+        if name in SYNC_CALLS or bool_index:
+            self.per_step[self.step] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -103,9 +150,9 @@ def _median_ms(calls: dict[str, Callable], iters: int, device) -> dict[str, tupl
             for n, t in times.items()}
 
 
-def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> dict:
-    """Op counts and median ms per variant; see the module docstring."""
-    variants = VARIANTS if variants is None else variants
+def _unet_calls(unet, latent_hw, variants) -> tuple[dict[str, Callable], dict[str, int]]:
+    """The UNet-call variants and the sampler-loop rows (see the module docstring), with
+    how many steps each call runs."""
     device, dtype = unet.device, unet.dtype
     cfg = unet.config
     gen = torch.Generator(device=device).manual_seed(0)
@@ -117,8 +164,9 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> di
     t_map = torch.full((1, h, w), 601, device=device)  # (B, h, w): background on the ladder
     t_map[:, h // 4: 3 * h // 4, w // 8: w // 2] = 721  # a lagging subject region
     t_scalar = torch.tensor(601, device=device)
-
     calls: dict[str, Callable] = {}
+
+    x_in, t_in = torch.cat([x, x]), torch.cat([t_map, t_map])  # (2B, ...): CFG's batch
 
     def make_call(adapters, use_capture, use_map):
         @contextmanager
@@ -131,8 +179,13 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> di
                         capture = inner.enter_context(capture_cls(unet, latent_hw))
                     if use_map:
                         inner.enter_context(timestep_cls(unet))
-                denoise = UNetDenoiser(unet, embeds, 7.5, None, capture, subj.positions)
-                yield lambda: denoise(x, t_map if use_map else t_scalar, capture=use_capture)
+
+                def call():  # as AsynDMHooks calls it: subject maps of the conditional rows
+                    if capture is not None:
+                        capture.start(subj.positions, slice(1, 2), subj.weights, text=embeds)
+                    out = unet(x_in, t_in if use_map else t_scalar, encoder_hidden_states=embeds)
+                    return capture.stop() if capture is not None else out
+                yield call
         return installed
 
     for name, (adapters, use_capture, use_map) in variants.items():
@@ -142,8 +195,7 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> di
     sched = DDIMScheduler(**SD21_BASE_SCHEDULER)
     plan = SchedulePlan.from_scheduler(sched, 10, "quadratic")
     step_cfg = StepConfig.from_scheduler(sched, 1.0)
-    hm, wm = h // 4, w // 4
-    attn = torch.rand(1, 2, hm, wm, generator=gen, device=device)  # (B, P, hm, wm)
+    attn = torch.rand(1, 2, h // 4, w // 4, generator=gen, device=device)  # (B, P, hm, wm)
     eps = torch.randn_like(x)
 
     def stub(xx, t, capture=False):
@@ -163,58 +215,141 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print) -> di
 
     for mode in ("dm", "asyndm"):
         calls[f"loop {mode}"] = make_loop(mode)
+    steps = {n: 10 if n.startswith("loop") else 1 for n in calls}
+    return calls, steps
 
+
+def _pipeline(unet, latent_hw):
+    """``(pipe, call(mode, steps, counters))``: diffusers' own pipeline on ``unet``."""
+    device, dtype = unet.device, unet.dtype
     pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
                                    scheduler=DDIMScheduler(**SD21_BASE_SCHEDULER),
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen, device=device,
+                         dtype=dtype)
     negative, positive = embeds.chunk(2)
+    h, w = latent_hw
 
-    def make_pipeline(mode):
-        @contextmanager
-        def ready():
-            with ExitStack() as inner:
-                if mode == "asyndm":
-                    run = AsynRun(mode="asyndm", capture=True, keep_records=False)
-                    inner.enter_context(AsynDMHooks(pipe, run, list(SUBJECT_POSITIONS),
-                                                    list(SUBJECT_K)))
-                yield lambda: pipe(prompt_embeds=positive, negative_prompt_embeds=negative,
-                                   num_inference_steps=PIPE_STEPS, eta=1.0, output_type="latent",
-                                   height=h * pipe.vae_scale_factor,
-                                   width=w * pipe.vae_scale_factor,
-                                   generator=torch.Generator(device=device).manual_seed(0))
-        return ready
+    def call(mode: str, steps: int = PIPE_STEPS, counters=()) -> None:
+        def next_step(p, i, t, kw):
+            for c in counters:
+                c.step = i + 1
+            return {}
 
-    for mode in ("dm", "asyndm"):
-        calls[f"pipeline {mode}"] = make_pipeline(mode)
+        with ExitStack() as inner:
+            if mode == "asyndm":
+                run = AsynRun(mode="asyndm", capture=True, keep_records=False)
+                inner.enter_context(AsynDMHooks(pipe, run, list(SUBJECT_POSITIONS),
+                                                list(SUBJECT_K)))
+            pipe(prompt_embeds=positive, negative_prompt_embeds=negative,
+                 num_inference_steps=steps, eta=1.0, output_type="latent",
+                 height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor,
+                 generator=torch.Generator(device=device).manual_seed(0),
+                 callback_on_step_end=next_step)
 
-    counts = {}
-    for name, ctx in calls.items():
-        with ctx() as fn:
-            fn()  # warm-up; a second call counts what every later step runs
-            with OpCounter() as counter:
-                fn()
-        counts[name] = (sum(counter.ops.values()),
-                        sum(n for op, n in counter.ops.items() if op not in VIEW_OPS))
+    return pipe, call
+
+
+def _per_step(counts: Counter, steps: int) -> tuple[float, float]:
+    """``(first step, mean of the later steps)`` of per-step counts."""
+    later = [counts[i] for i in range(1, steps)]
+    return counts[0], sum(later) / len(later)
+
+
+def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print,
+            compile_mode: str = "off", compile_backend="inductor") -> dict:
+    """Operator and sync counts and median ms per row; see the module docstring."""
+    variants = VARIANTS if variants is None else variants
+    device = unet.device
+    calls, steps = _unet_calls(unet, latent_hw, variants)
+    rows: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, ctx in calls.items():
+            with ctx() as fn:
+                fn()  # warm-up; a second call counts what every later call runs
+                with OpCounter() as ops:
+                    fn()
+            per = steps[name]
+            rows[name] = {"aten_ops": sum(ops.ops.values()) / per,
+                          "kernels": sum(n for o, n in ops.ops.items() if o not in VIEW_OPS) / per}
+        pipe, call = _pipeline(unet, latent_hw)
+        for mode in ("dm", "asyndm"):
+            call(mode)  # warm-up
+            ops, syncs = OpCounter(), SyncCounter()
+            with ops, syncs:
+                call(mode, counters=(ops, syncs))
+            first, later = _per_step(ops.per_step, PIPE_STEPS)
+            rows[f"pipeline {mode}"] = {
+                "aten_ops": later, "kernels": _per_step(ops.kernels_per_step, PIPE_STEPS)[1],
+                "first_aten_ops": first, "syncs": _per_step(syncs.per_step, PIPE_STEPS)[1],
+                "first_syncs": syncs.per_step[0]}
+            calls[f"pipeline {mode}"] = _thunk(call, mode)
+            steps[f"pipeline {mode}"] = PIPE_STEPS
+        _time(rows, calls, steps, iters, device)
+        if compile_mode != "off":
+            calls, steps = {}, {}
+            rows.update(_compiled_rows(pipe, call, compile_mode, compile_backend, calls, steps))
+            _time(rows, calls, steps, iters, device)
+            compile_denoiser(pipe, "off")
+    _report(rows, log)
+    return rows
+
+
+def _time(rows: dict, calls: dict, steps: dict, iters: int, device) -> None:
+    """Median wall / CPU ms per call (per step for the loop and pipeline rows) into rows."""
     nan = (float("nan"), float("nan"))
     ms = _median_ms(calls, iters, device) if iters > 0 else {n: nan for n in calls}
-    rows = {}
     for name in calls:
-        # the loop runs 10 steps, the pipeline PIPE_STEPS
-        per = 10 if name.startswith("loop") else PIPE_STEPS if name.startswith("pipe") else 1
-        rows[name] = {"aten_ops": counts[name][0] / per, "kernels": counts[name][1] / per,
-                      "ms": ms[name][0] / per, "cpu_ms": ms[name][1] / per}
-    log(f"{'variant':12s} {'aten ops':>8s} {'+ops':>5s} {'kernels':>8s} {'+kern':>6s} "
-        f"{'ms':>8s} {'+ms':>7s} {'cpu ms':>8s} {'+cpu ms':>8s}"
-        "   (+: over dm; loop, pipeline: per step)")
-    for name, r in rows.items():
-        b = rows[f"{name.split()[0]} dm" if " " in name else "dm"]
-        log(f"{name:12s} {r['aten_ops']:8.0f} {r['aten_ops'] - b['aten_ops']:5.0f} "
-            f"{r['kernels']:8.0f} {r['kernels'] - b['kernels']:6.0f} "
-            f"{r['ms']:8.2f} {r['ms'] - b['ms']:7.2f} {r['cpu_ms']:8.2f} "
-            f"{r['cpu_ms'] - b['cpu_ms']:8.2f}")
+        rows[name]["ms"], rows[name]["cpu_ms"] = (v / steps[name] for v in ms[name])
+
+
+def _thunk(call, mode: str):
+    @contextmanager
+    def ready():
+        yield lambda: call(mode)
+    return ready
+
+
+def _compiled_rows(pipe, call, mode: str, backend, calls: dict, steps: dict) -> dict:
+    """Graphs compiled per pipeline mode, and by a second call with more steps."""
+    from torch._dynamo.utils import counters
+
+    rows = {}
+    compile_denoiser(pipe, mode, backend=backend)
+    for name in ("dm", "asyndm"):
+        before = counters["stats"]["unique_graphs"]
+        call(name)
+        first = counters["stats"]["unique_graphs"] - before
+        call(name, steps=PIPE_STEPS + 3)  # other maps at other steps
+        again = counters["stats"]["unique_graphs"] - before - first
+        breaks = sum(counters["graph_break"].values())
+        rows[f"compiled {name}"] = {"graphs": first, "recompiled": again, "graph_breaks": breaks}
+        calls[f"compiled {name}"] = _thunk(call, name)
+        steps[f"compiled {name}"] = PIPE_STEPS
     return rows
+
+
+def _report(rows: dict, log) -> None:
+    log(f"{'row':16s} {'aten ops':>8s} {'+ops':>6s} {'+%':>6s} {'kernels':>8s} {'+kern':>6s} "
+        f"{'syncs':>5s} {'ms':>8s} {'cpu ms':>8s}   (+: over dm; loop, pipeline: per step)")
+    for name, r in rows.items():
+        if name.startswith("compiled"):
+            log(f"{name:16s} graphs compiled: {r['graphs']}, by a second call with more steps: "
+                f"{r['recompiled']}, graph breaks: {r['graph_breaks']}, ms/step {r['ms']:.2f}")
+            continue
+        b = rows[f"{name.split()[0]} dm" if " " in name else "dm"]
+        more = r["aten_ops"] - b["aten_ops"]
+        syncs = f"{r['syncs']:5.1f}" if "syncs" in r else f"{'':5s}"
+        log(f"{name:16s} {r['aten_ops']:8.0f} {more:6.0f} {100 * more / b['aten_ops']:6.1f} "
+            f"{r['kernels']:8.0f} {r['kernels'] - b['kernels']:6.0f} {syncs} "
+            f"{r['ms']:8.2f} {r['cpu_ms']:8.2f}")
+    for mode in ("dm", "asyndm"):
+        r = rows[f"pipeline {mode}"]
+        log(f"pipeline {mode}, first step: {r['first_aten_ops']:.0f} aten ops, "
+            f"{r['first_syncs']} syncs")
 
 
 def main(argv: list[str] | None = None, unet=None) -> dict:
@@ -228,6 +363,9 @@ def main(argv: list[str] | None = None, unet=None) -> dict:
                    help="timed calls per variant (0: count operators only)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; 1 on a shared CPU)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="also run the pipeline rows with the denoiser compiled in this mode")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -237,7 +375,8 @@ def main(argv: list[str] | None = None, unet=None) -> dict:
     if unet.dtype != dtype:
         unet = unet.to(dtype=dtype)
     side = args.resolution // 8
-    return profile(unet, latent_hw=(side, side), iters=args.iters)
+    return profile(unet, latent_hw=(side, side), iters=args.iters, compile_mode=args.compile,
+                   compile_backend=args.compile_backend)
 
 
 if __name__ == "__main__":

@@ -59,15 +59,22 @@ def test_bench_embedded_runs_on_tiny_random_model():
     assert results["model"].startswith("random-init 'tiny'")
 
 
-def test_profile_overhead_counts_operators_on_tiny_unet():
-    rows = profile_overhead.main(["--resolution", "128", "--iters", "1"], unet=tiny_unet())
+def test_profile_overhead_counts_operators_and_syncs_on_tiny_unet():
+    rows = profile_overhead.main(["--resolution", "128", "--iters", "1", "--compile", "default",
+                                  "--compile-backend", "eager"], unet=tiny_unet())
     assert set(rows) == {*profile_overhead.VARIANTS, "loop dm", "loop asyndm", "pipeline dm",
-                         "pipeline asyndm"}
-    # every adapter adds operators to the plain UNet call; the naive ones add the most
-    assert rows["dm"]["aten_ops"] < rows["capture"]["aten_ops"] < rows["asyndm"]["aten_ops"]
+                         "pipeline asyndm", "compiled dm", "compiled asyndm"}
+    # capture adds operators to the plain UNet call; the naive adapters add the most
+    assert rows["dm"]["aten_ops"] < rows["capture"]["aten_ops"] < rows["naive"]["aten_ops"]
     assert rows["asyndm"]["kernels"] < rows["naive"]["kernels"]
-    # through diffusers' own pipeline, AsynDM's steps run more operators than DM's
-    assert rows["pipeline dm"]["aten_ops"] < rows["pipeline asyndm"]["aten_ops"]
+    dm, asyn = rows["pipeline dm"], rows["pipeline asyndm"]
+    assert asyn["first_aten_ops"] > asyn["aten_ops"]  # the run's one-off work
+    # DM's DDIM step reads two host flags per step; AsynDM's step reads one in their place
+    assert dm["syncs"] == 2 and asyn["syncs"] <= dm["syncs"] + 1
+    # compiled: DM one graph; AsynDM its map path and the model's own path (the last step);
+    # nothing compiled again for other maps at other steps
+    assert rows["compiled dm"]["graphs"] == 1 and rows["compiled asyndm"]["graphs"] == 2
+    assert rows["compiled dm"]["recompiled"] == rows["compiled asyndm"]["recompiled"] == 0
 
 
 @pytest.mark.parametrize("level", [None, 1])

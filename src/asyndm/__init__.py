@@ -1,7 +1,8 @@
 """asyndm: asynchronous denoising (AsynDM, arXiv 2510.04504) for diffusers text-to-image models.
 
 ``asyndm.enable(pipe, subjects=[...], k=...)`` switches AsynDM on for a diffusers pipeline
-object; ``asyndm.embedded_model_path()`` is the package's own small model. Names are
+object; ``asyndm.compile_denoiser(pipe, mode)`` compiles its denoiser (DM and AsynDM);
+``asyndm.embedded_model_path()`` is the package's own small model. Names are
 imported on first use, so ``import asyndm`` (and ``asyndm --help``) stays fast.
 """
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "enable": ("asyndm.hooks", "enable"),
+    "compile_denoiser": ("asyndm.compile", "compile_denoiser"),
     "embedded_model_path": ("asyndm.loading", "embedded_model_path"),
     # the embedded model's model_index.json names its VAE stand-in as ("asyndm", this)
     "PixelShuffleVAE": ("asyndm.pixel_vae", "PixelShuffleVAE"),
