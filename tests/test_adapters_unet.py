@@ -2,6 +2,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+import asyndm.adapters.unet as unet_adapter
 from asyndm.adapters.unet import PerPixelTimestep, UnsupportedModelError
 from conftest import tiny_unet
 
@@ -93,3 +94,56 @@ def test_class_embeddings_are_kept_per_sample():
         mapped = unet(x, torch.full((2, 8, 8), 700), encoder_hidden_states=ctx,
                       class_labels=labels).sample
     assert torch.allclose(mapped, plain, atol=1e-5)
+
+
+class _Shifted(torch.nn.Module):
+    """A wrapped projection (as a LoRA layer wraps one): the base linear plus a shift."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base, self.out_features = base, base.out_features
+
+    def forward(self, x):
+        return self.base(x) + 0.5
+
+
+@torch.no_grad()
+def test_each_resnets_own_projection_is_used():
+    unet = tiny_unet()
+    resnet = unet.down_blocks[0].resnets[0]
+    resnet.time_emb_proj = _Shifted(resnet.time_emb_proj)
+    x, ctx, added = _inputs(unet)
+    t = torch.tensor([601, 301])
+    plain = _call(unet, x, t, ctx, added)
+    with PerPixelTimestep(unet):
+        mapped = _call(unet, x, t[:, None, None].expand(-1, 16, 16), ctx, added)
+    assert torch.allclose(mapped, plain, atol=1e-5, rtol=1e-5)
+    assert isinstance(resnet.time_emb_proj, _Shifted)  # put back on removal
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+@torch.no_grad()
+def test_tables_are_made_once_per_conditioning(sdxl, monkeypatch):
+    unet = tiny_unet(sdxl=sdxl)
+    x, ctx, added = _inputs(unet)
+    mlp_rows, projected = [], []
+    handle = unet.time_embedding.register_forward_hook(
+        lambda m, a, o: mlp_rows.append(a[0].shape[0]))
+    project = unet_adapter._Group.project
+    monkeypatch.setattr(unet_adapter._Group, "project",
+                        lambda self, temb: projected.append(temb.shape) or project(self, temb))
+    t_map = torch.full((2, 16, 16), 500)
+    with PerPixelTimestep(unet, num_timesteps=1000):
+        for step in range(3):  # the same conditioning tensors at every step, as in a loop
+            t_map[:, :8] = 700 - 50 * step
+            _call(unet, x, t_map, ctx, added)
+        made = len(projected)
+        _call(unet, x, t_map, ctx.clone(), None if added is None else
+              {k: v.clone() for k, v in added.items()})  # new conditioning tensors
+    handle.remove()
+    assert mlp_rows == [1000]  # the time MLP ran once, on every train timestep
+    n_groups = made
+    assert n_groups > 0 and all(shape[-2] == 1000 for shape in projected)
+    # per-sample tables (SDXL's added embedding) are made again for new conditioning
+    # tensors; shared ones (SD) never
+    assert len(projected) == (2 * n_groups if sdxl else n_groups)

@@ -16,11 +16,11 @@ How it works (no diffusers code is copied or patched):
    ``temb`` adds add zeros. With a scalar or vector timestep the stand-ins call the
    original modules.
 3. Once per run, every timestep ``0 .. T-1`` is embedded (sinusoid, time MLP, plus the
-   extra) and projected by every ResNet's ``time_emb_proj``, the ResNets of one resolution
-   level as one matrix (their weights concatenated): a table ``(T, sum C)`` per level
-   (``(B T, sum C)`` when the extra differs per sample). That is a few matrix products per
-   run (SD 2.1: 52 GFLOP, 80 MiB in float32), and it is kept while the same conditioning
-   tensors come back, as they do at every step of a pipeline's loop.
+   extra) and projected by every ResNet's own ``time_emb_proj``, side by side per
+   resolution level: a table ``(T, sum C)`` per level (``(B T, sum C)`` when the extra
+   differs per sample). That is one matrix product per ResNet per run (SD 2.1: 52 GFLOP
+   and 80 MiB in float32 in all), kept while the same conditioning tensors come back, as
+   they do at every step of a pipeline's loop.
 4. Per call, at the first ResNet of a level, one ``embedding`` lookup of the map (resized,
    nearest, to the level) reads ``(B, h, w, sum C)`` from the table, split into per-ResNet
    views; a forward hook on each ``conv1`` adds its view, which is where diffusers adds the
@@ -130,21 +130,15 @@ class _Silenced(nn.Module):
 
 @dataclass
 class _Group:
-    """ResNets at one resolution whose time projections run as one matrix."""
+    """ResNets at one resolution, whose projections of the table are read as one."""
 
     resnets: list[nn.Module]
     act: nn.Module | None  # the activation the ResNets apply to ``temb`` (None: skipped)
-    fused: tuple | None = None  # (key, weight (sum C, C_emb), bias (sum C,))
 
-    def weights(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.resnets[0].time_emb_proj.inner.weight
-        key = (device, dtype, first.data_ptr())
-        if self.fused is None or self.fused[0] != key:
-            projs = [r.time_emb_proj.inner for r in self.resnets]
-            weight = torch.cat([p.weight for p in projs]).to(device, dtype)  # (sum C, C_emb)
-            bias = torch.cat([p.bias for p in projs]).to(device, dtype)  # (sum C,)
-            self.fused = (key, weight, bias)
-        return self.fused[1], self.fused[2]
+    def project(self, temb: torch.Tensor) -> torch.Tensor:
+        """``(..., sum C)``: every ResNet's own ``time_emb_proj`` (LoRA layers included) of
+        ``temb``, side by side."""
+        return torch.cat([r.time_emb_proj.inner(temb) for r in self.resnets], dim=-1)
 
     @property
     def sizes(self) -> list[int]:
@@ -372,8 +366,7 @@ class PerPixelTimestep:
                 temb = acts.get(type(group.act))
                 if temb is None:
                     temb = acts[type(group.act)] = group.act(emb)  # shared by the groups
-            weight, bias = group.weights(like.device, like.dtype)
-            tables.append(F.linear(temb, weight, bias).flatten(0, -2))  # (T | B T, sum C)
+            tables.append(group.project(temb).flatten(0, -2))  # (T | B T, sum C)
         versions = None if source is None else tuple((t, t._version) for t in source)
         self._tables = ((like.device, like.dtype), versions, tables)
         return tables
