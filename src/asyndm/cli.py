@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
+from .compile import COMPILE_MODES
 from .cli_base import (ALL_MODES, CURVE_NAMES, DTYPE_NAMES, MASK_MODES, MODE_HELP, MODES,
                        HelpFormatter, add_threads_option, quiet_foreign_notices, torch_threads)
 
@@ -55,6 +56,9 @@ def _add_generation_options(p: argparse.ArgumentParser, modes_default: str | Non
                    help="dynamic: previous step's attention; static: from a DM run of the seed")
     p.add_argument("--mask-threshold", type=float, default=1.0,
                    help="a pixel joins a subject at this multiple of the map's spatial mean")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="torch.compile the denoiser (reduce-overhead: CUDA graphs on a GPU); "
+                        "compiles once per kind of step, worth it for many images")
     p.add_argument("--steps", type=int, default=50,
                    help="number of DDIM steps, at least 2 (one step from pure noise returns "
                         "the model's first guess: noise on the embedded model)")
@@ -95,6 +99,7 @@ def _config_from_args(args, modes: Sequence[str]):
         guidance=args.guidance, seed=args.seed, num_images=args.num_images,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt,
         device=args.device, dtype=args.dtype, out=args.out, overwrite=args.overwrite,
+        compile=args.compile,
     )
 
 

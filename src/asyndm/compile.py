@@ -22,8 +22,7 @@ is read before the next call, as CUDA graphs require.
 
 from __future__ import annotations
 
-import torch
-
+# torch is imported where it is used: the CLI reads COMPILE_MODES before anything loads
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 """``off`` restores the eager ``forward``; the others are ``torch.compile`` modes."""
 
@@ -44,6 +43,8 @@ def compile_denoiser(pipe, mode: str = "default", *, backend="inductor",
         ``pipe``, compiled in place. Calling it again with another mode recompiles from
         the eager ``forward``; with the same mode and backend it changes nothing.
     """
+    import torch
+
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose from {COMPILE_MODES}")
     models = [m for m in (getattr(pipe, n, None) for n in _DENOISERS)

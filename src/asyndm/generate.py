@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .compile import COMPILE_MODES, compile_denoiser
 from .loading import default_guidance, label_progress, load_pipeline
 from .methods import (METHOD_NAMES, METHODS, Call, count_model_calls, method_params,
                       params_dict, run_method, split_mode)
@@ -100,6 +101,7 @@ class GenerateConfig:
     dtype: str = "float32"
     out: str = "out"
     overwrite: bool = False
+    compile: str = "off"  # asyndm.compile.COMPILE_MODES: torch.compile of the denoiser
 
     def __post_init__(self) -> None:
         if self.guidance is None:
@@ -115,6 +117,9 @@ class GenerateConfig:
             raise ValueError(f"unknown curve {self.curve!r}; choose from {sorted(CURVES)}")
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask mode {self.mask_mode!r}; choose from {MASK_MODES}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}; choose from "
+                             f"{COMPILE_MODES}")
         needing = sorted({m for m, _ in parsed if m in SUBJECT_MODES})
         if needing and not self.subjects:
             raise ValueError(f"mode(s) {', '.join(needing)} need --subjects (words of the "
@@ -251,6 +256,8 @@ def run_modes(cfg: GenerateConfig, pipe=None, keep_records: bool = False) -> Run
     check_out_dir(out, cfg.overwrite)
     if pipe is None:
         pipe = load_pipeline(cfg.model, cfg.device, DTYPES[cfg.dtype])
+    if cfg.compile != "off":  # every mode below runs the compiled denoiser
+        compile_denoiser(pipe, cfg.compile)
     height, width = check_with_pipeline(cfg, pipe)
     if cfg.overwrite:
         _remove_earlier_outputs(out)
