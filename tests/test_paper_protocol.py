@@ -123,6 +123,24 @@ def test_missing_weights_fail_before_any_model_is_loaded(env, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_help_and_argument_errors_import_no_torch():
+    code = ("import sys\nfrom asyndm.cli import main\n"
+            "for argv in (['paper', '--help'], ['paper', '--model', 'x', '--seeds', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "accelerate launch --num_processes 8 -m asyndm.bench paper" in res.stdout
+    assert "invalid int value: 'x'" in res.stderr
+
+
+def test_unknown_metric_fails_before_any_model(env, tmp_path, capsys):
+    assert bench_main(_args(env, tmp_path / "run", "--metrics", "no_such_metric")) == 2
+    assert "unknown metrics ['no_such_metric']" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_methods_come_from_the_variant_registry():
     runnable, missing = available_methods()
     assert {"dm", "dm_concave", "asyndm"} <= set(runnable)

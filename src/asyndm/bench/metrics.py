@@ -66,6 +66,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from .paper_names import PAPER_METRICS
 from .suites import BenchEntry
 
 __all__ = ["METRICS", "PAPER_METRICS", "PATH_KEYS", "ClipScore", "Metric", "MetricOptions",
@@ -194,8 +195,6 @@ METRICS: dict[str, MetricFactory] = {
     "bertscore": _lazy(".metrics_vlm", "BertScoreMetric"),
     "qwenscore": _lazy(".metrics_vlm", "QwenScore"),
 }
-PAPER_METRICS = ("imagereward", "openclip", "bertscore", "qwenscore")
-"""The AsynDM paper's Table 1 metrics, in its order."""
 PATH_KEYS = {"imagereward": ("imagereward",), "openclip": ("openclip",),
              "bertscore": ("qwen", "bertscore"), "qwenscore": ("qwen",)}
 """The ``MetricOptions.paths`` keys each paper metric reads."""

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .metrics import PAPER_METRICS, PATH_KEYS
+from .metrics import METRICS, PATH_KEYS
+from .paper_names import PAPER_METHODS, PAPER_METRICS, PAPER_SUITES
 from .runner import BenchConfig, BenchSummary, run_bench
 from .variants import Variant, parse_variant
 
@@ -34,9 +35,6 @@ __all__ = ["PAPER_METHODS", "PAPER_SUITES", "PaperConfig", "PaperSummary", "WEIG
            "available_methods", "check_weights", "metric_paths", "paper_suite", "run_paper",
            "write_paper_table"]
 
-PAPER_SUITES = ("animal", "drawbench", "geneval", "mscoco")
-PAPER_METHODS = ("dm", "dm_concave", "asyndm", "cfgpp", "s_cfg", "z_sampling", "seg", "pag",
-                 "attend_excite")
 WEIGHT_FOLDERS = {"imagereward": "imagereward", "openclip": "CLIP-ViT-H-14-laion2B-s32B-b79K",
                   "qwen": "Qwen2.5-VL-7B-Instruct", "bertscore": "roberta-large"}
 """Sub-folder of ``--weights DIR`` for each weight key (``MetricOptions.paths``)."""
@@ -128,6 +126,9 @@ class PaperConfig:
             raise ValueError("no method to run")
         if "dm" not in self.methods:
             raise ValueError("the methods must include dm, the paired baseline of the report")
+        unknown_metrics = [m for m in self.metrics if m not in METRICS]
+        if unknown_metrics:
+            raise ValueError(f"unknown metrics {unknown_metrics}; available: {sorted(METRICS)}")
         known = {k for keys in PATH_KEYS.values() for k in keys}
         unknown = sorted({k for k, _ in self.paths} - known)
         if unknown:

@@ -31,8 +31,8 @@ def _shard(text: str) -> tuple[int, int]:
 
 def add_paper_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``paper`` options to ``parser`` (also sets its formatter and example)."""
-    from .metrics import METRICS, PAPER_METRICS
-    from .paper import PAPER_METHODS, PAPER_SUITES
+    # torch-free names: --help stays instant
+    from .paper_names import PAPER_METHODS, PAPER_METRICS, PAPER_SUITES
 
     parser.formatter_class = HelpFormatter
     parser.epilog = PAPER_EXAMPLE
@@ -47,8 +47,9 @@ def add_paper_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=None, metavar="MODE",
                    help=f"methods (default: those of {', '.join(PAPER_METHODS)} that this "
                         "version registers)")
-    p.add_argument("--metrics", nargs="*", choices=sorted(METRICS), default=list(PAPER_METRICS),
-                   help="metrics to score with")
+    p.add_argument("--metrics", nargs="*", default=list(PAPER_METRICS), metavar="METRIC",
+                   help="metrics to score with: the paper's, or shapes, clipscore or one you "
+                        "registered (none: images only)")
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="folder with the metric weights under their usual names (above)")
     p.add_argument("--imagereward", default=None, metavar="DIR",
