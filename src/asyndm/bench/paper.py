@@ -78,7 +78,7 @@ def metric_paths(metrics: Sequence[str], weights: str | None,
 
 @dataclass(frozen=True)
 class PaperConfig:
-    """The paper protocol's settings (defaults: the paper's); saved in each set's run folder.
+    """The paper protocol's settings (defaults: the paper's); saved as ``paper_config.json``.
 
     Attributes:
         model: diffusers SD 2.1-base folder (or any SD model).
