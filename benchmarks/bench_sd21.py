@@ -39,6 +39,7 @@ from naive import NaiveAttentionCapture, NaivePerPixelTimestep  # noqa: E402
 
 from asyndm.adapters.attention import AttentionCapture  # noqa: E402
 from asyndm.adapters.unet import PerPixelTimestep  # noqa: E402
+from asyndm.compile import COMPILE_MODES, compile_denoiser  # noqa: E402
 from asyndm.hooks import AsynDMHooks  # noqa: E402
 from asyndm.schedulers import AsynRun  # noqa: E402
 from asyndm.state import Subjects  # noqa: E402
@@ -115,12 +116,18 @@ def run_benchmark(
     seq_len: int = 77,
     latent_hw: tuple[int, int] | None = None,
     seed: int = 0,
+    compile_mode: str = "off",
+    compile_backend: str = "inductor",
     log=print,
 ) -> dict:
     """Measure ``modes`` interleaved on ``unet`` (already on its device and dtype).
 
     ``"dm"`` is plain sampling (no hooks, the UNet's own processors); every other mode is
-    AsynDM with the adapter pair ``adapters[mode]`` (default :data:`ADAPTERS`).
+    AsynDM with the adapter pair ``adapters[mode]`` (default :data:`ADAPTERS`). With
+    ``compile_mode`` (:data:`asyndm.compile.COMPILE_MODES`) ``dm`` and ``asyndm`` also run
+    with the UNet compiled (:func:`asyndm.compile_denoiser`), as ``dm-c`` and ``asyndm-c``,
+    interleaved with the eager ones; their warm-up runs are whole runs (every graph is
+    compiled before the timing) and the ratios add ``asyndm-c/dm-c``.
 
     Returns the :func:`harness.summarise` dict plus the settings and, per mode, the number
     of distinct timesteps of each step's map (a sanity check that AsynDM's maps are
@@ -130,6 +137,8 @@ def run_benchmark(
     if "dm" not in modes or set(modes) - {"dm", *adapters}:
         raise ValueError(f"modes must include 'dm' and come from {('dm', *adapters)}, "
                          f"got {modes}")
+    if compile_mode != "off":
+        modes = (*modes, "dm-c", "asyndm-c")
     device, dtype = unet.device, unet.dtype
     cfg = unet.config
     latent_hw = latent_hw or (cfg.sample_size, cfg.sample_size)
@@ -146,15 +155,18 @@ def run_benchmark(
 
     def sample_once(mode: str, n_steps: int) -> Run:
         stamps: list[tuple[float, float]] = []  # (wall, cpu) after each step
-        seen: list[int] = []  # distinct timesteps of each model call
+        seen: list[torch.Tensor] = []  # the timestep (map) of each model call
+        compile_denoiser(pipe, compile_mode if mode.endswith("-c") else "off",
+                         backend=compile_backend)
+        mode = mode.removesuffix("-c")
 
         def on_step(pipeline, i, t, kwargs):
             synchronize(device)
             stamps.append((time.perf_counter(), time.process_time()))
             return kwargs
 
-        def count(module, args, kwargs):
-            seen.append(int(torch.unique(kwargs.get("timestep", args[1:2] and args[1])).numel()))
+        def count(module, args, kwargs):  # counted after the run: no sync in the timing
+            seen.append(kwargs.get("timestep", args[1:2] and args[1]))
 
         call = dict(prompt_embeds=positive, negative_prompt_embeds=negative, eta=eta,
                     num_inference_steps=n_steps, guidance_scale=guidance_scale,
@@ -175,7 +187,7 @@ def run_benchmark(
             synchronize(device)
             total, total_cpu = time.perf_counter() - start[0], time.process_time() - start[1]
         handle.remove()
-        distinct[mode] = seen[:n_steps]
+        distinct[mode] = [int(torch.unique(t).numel()) for t in seen[:n_steps]]
         edges = [start, *stamps]
         wall = [b[0] - a[0] for a, b in zip(edges, edges[1:])]
         cpu = [b[1] - a[1] for a, b in zip(edges, edges[1:])]
@@ -185,14 +197,20 @@ def run_benchmark(
         f"batch {batch_size} (x2 with CFG), {steps} steps, {repeats} repeats, modes {modes}")
     if warmup:
         for mode in modes:
-            sample_once(mode, 1)  # kernels, allocator pools, one-time caches
+            # kernels, allocator pools, one-time caches; compiled: every graph
+            sample_once(mode, steps if mode.endswith("-c") else 1)
     runs = interleave({m: (lambda m=m: sample_once(m, steps)) for m in modes}, repeats, log)
+    compile_denoiser(pipe, "off")
     summary = summarise(runs, steps=interior_steps(steps))
+    if compile_mode != "off":
+        compiled = summarise({m: runs[m] for m in ("dm-c", "asyndm-c")}, baseline="dm-c",
+                             steps=interior_steps(steps))
+        summary["ratios"].update(compiled["ratios"])
     summary.update(
         benchmark="sd21", device=str(device), dtype=str(dtype).removeprefix("torch."),
         latent_hw=list(latent_hw), batch_size=batch_size, steps=steps, repeats=repeats,
         guidance_scale=guidance_scale, eta=eta, memory=memory_kind(device),
-        distinct_timesteps=distinct,
+        distinct_timesteps=distinct, compile=compile_mode,
     )
     return summary
 
@@ -211,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per run (x2 with CFG)")
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels (/8)")
     p.add_argument("--naive", action="store_true", help="add the naive adapters as a mode")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="also run dm and asyndm with the UNet compiled in this mode")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p.add_argument("--no-warmup", action="store_true", help="skip the 1-step warm-up runs")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; 1 on a shared CPU)")
@@ -240,7 +261,8 @@ def main(argv: list[str] | None = None, unet: UNet2DConditionModel | None = None
         unet, DDIMScheduler(**SD21_BASE_SCHEDULER),
         modes=MODES if args.naive else ("dm", "asyndm"), steps=args.steps,
         repeats=args.repeats, warmup=not args.no_warmup, batch_size=args.batch_size,
-        latent_hw=(side, side), seed=args.seed,
+        latent_hw=(side, side), seed=args.seed, compile_mode=args.compile,
+        compile_backend=args.compile_backend,
     )
     results.update(model=model, threads=torch.get_num_threads())
     print(format_summary(results, results["memory"]))

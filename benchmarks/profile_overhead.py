@@ -318,6 +318,7 @@ def _compiled_rows(pipe, call, mode: str, backend, calls: dict, steps: dict) -> 
     from torch._dynamo.utils import counters
 
     rows = {}
+    torch._dynamo.reset()  # count from nothing compiled (the cache is per process)
     compile_denoiser(pipe, mode, backend=backend)
     for name in ("dm", "asyndm"):
         before = counters["stats"]["unique_graphs"]

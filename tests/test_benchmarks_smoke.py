@@ -52,6 +52,14 @@ def test_bench_sd21_runs_on_tiny_unet():
     assert results["distinct_timesteps"]["asyndm"][2] > 1
 
 
+def test_bench_sd21_interleaves_compiled_modes():
+    results = bench_sd21.main(["--resolution", "128", "--steps", "4", "--repeats", "1",
+                               "--compile", "default", "--compile-backend", "eager"],
+                              unet=tiny_unet())
+    _check_ratios(results, {"asyndm/dm", "dm-c/dm", "asyndm-c/dm", "asyndm-c/dm-c"})
+    assert results["compile"] == "default"
+
+
 def test_bench_embedded_runs_on_tiny_random_model():
     results = bench_embedded.main(["--model", "random", "--size", "tiny", "--steps", "3",
                                    "--repeats", "1", "--no-warmup"])

@@ -54,8 +54,21 @@ def test_compile_modes_are_checked(sd_components):
         asyndm.compile_denoiser(object(), "default")
     asyndm.compile_denoiser(pipe, "default", backend="eager")
     compiled = pipe.unet.forward
-    asyndm.compile_denoiser(pipe, "default", backend="eager")  # the same: nothing changes
-    assert pipe.unet.forward is compiled
     asyndm.compile_denoiser(pipe, "off")
     asyndm.compile_denoiser(pipe, "off")  # already eager
     assert "forward" not in pipe.unet.__dict__
+    asyndm.compile_denoiser(pipe, "default", backend="eager")  # the kept compiled forward
+    assert pipe.unet.forward is compiled
+
+
+def test_generate_compiles_the_denoiser_it_loads(monkeypatch, tmp_path):
+    from asyndm import generate
+
+    seen = []
+    monkeypatch.setattr(generate, "compile_denoiser", lambda pipe, mode: seen.append(mode))
+    cfg = generate.GenerateConfig(prompt="a red circle", subjects=("circle",), steps=2,
+                                  modes=("dm",), out=str(tmp_path / "run"), compile="default")
+    generate.run_modes(cfg)
+    assert seen == ["default"]
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        generate.GenerateConfig(prompt="a red circle", compile="fast")

@@ -40,8 +40,8 @@ def compile_denoiser(pipe, mode: str = "default", *, backend="inductor",
         fullgraph: ``torch.compile``'s ``fullgraph`` (an error at any graph break).
 
     Returns:
-        ``pipe``, compiled in place. Calling it again with another mode recompiles from
-        the eager ``forward``; with the same mode and backend it changes nothing.
+        ``pipe``, compiled in place. Each mode's compiled ``forward`` is kept on the model,
+        so switching between modes (and ``off``) compiles nothing twice.
     """
     import torch
 
@@ -53,17 +53,19 @@ def compile_denoiser(pipe, mode: str = "default", *, backend="inductor",
         raise ValueError(f"{type(pipe).__name__} has no unet, controlnet or transformer "
                          "to compile")
     for model in models:
-        eager = model.__dict__.get("_asyndm_eager_forward")
+        state = model.__dict__.get("_asyndm_compile")  # (eager forward, {key: compiled})
         if mode == "off":
-            if eager is not None:
-                del model.forward, model._asyndm_eager_forward, model._asyndm_compiled_as
+            if state is not None and "forward" in model.__dict__:
+                del model.forward  # the class's own forward again
             continue
-        if model.__dict__.get("_asyndm_compiled_as") == (mode, backend, fullgraph):
-            continue
-        eager = eager or model.forward
-        # "default" is torch.compile's own default mode
-        compiled = torch.compile(eager, mode=None if mode == "default" else mode,
-                                 backend=backend, fullgraph=fullgraph)
-        model.__dict__.update(forward=compiled, _asyndm_eager_forward=eager,
-                              _asyndm_compiled_as=(mode, backend, fullgraph))
+        if state is None:
+            state = model.__dict__["_asyndm_compile"] = (model.forward, {})
+        key = (mode, backend, fullgraph)
+        compiled = state[1].get(key)
+        if compiled is None:  # kept: switching back and forth compiles nothing again
+            # "default" is torch.compile's own default mode
+            compiled = state[1][key] = torch.compile(
+                state[0], mode=None if mode == "default" else mode, backend=backend,
+                fullgraph=fullgraph)
+        model.__dict__["forward"] = compiled
     return pipe
