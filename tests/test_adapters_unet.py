@@ -77,18 +77,22 @@ def test_unsupported_configurations_are_refused():
         PerPixelTimestep(unet)
 
 
+@pytest.mark.parametrize("kind", ["embedding", "timestep"])
 @torch.no_grad()
-def test_class_embeddings_are_kept_per_sample():
+def test_class_embeddings_are_kept_per_sample(kind):
     torch.manual_seed(0)
+    classes = (dict(num_class_embeds=3) if kind == "embedding"
+               else dict(class_embed_type="timestep"))  # labels through time_proj too
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 32), norm_num_groups=32, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        num_class_embeds=3,
+        **classes,
     ).eval()
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
-    labels, t = torch.tensor([0, 2]), torch.tensor([700, 700])
+    labels = torch.tensor([0, 2]) if kind == "embedding" else torch.tensor([20, 350])
+    t = torch.tensor([700, 700])
     plain = unet(x, t, encoder_hidden_states=ctx, class_labels=labels).sample
     with PerPixelTimestep(unet):
         mapped = unet(x, torch.full((2, 8, 8), 700), encoder_hidden_states=ctx,

@@ -264,14 +264,17 @@ class PerPixelTimestep:
         if t_map is None:
             return None
         source = (*args[2:], *(v for k, v in sorted(kwargs.items()) if k != "timestep"))
-        st = self._state = _CallState(t_map=t_map, source=_tensors(source), dtype=sample.dtype)
+        st = _CallState(t_map=t_map, source=_tensors(source), dtype=sample.dtype)
         for *_, stand_in in self._swapped:  # made outside a compiled call
             dtype = torch.float32 if stand_in.first_only else sample.dtype
             self._zeros((sample.shape[0], stand_in.width), dtype, sample.device)
         kind = self._extra_kind()
         if kind != "recorded":  # the tables before the call: the call itself only looks up
+            # (the stand-ins pass through until the state is set: class embeddings of
+            # class_embed_type="timestep" use time_proj)
             extra = None if kind == "none" else self._eager_extra(sample, args, kwargs, st)
             self._prepare(st, extra, sample)
+        self._state = st
         placeholder = t_map.flatten(1)[:, 0]  # (B,): its embedding is zeroed
         if in_args:
             args = (args[0], placeholder, *args[2:])
