@@ -15,6 +15,7 @@ at 28 steps, or ``--variant schnell`` (no guidance, shift 1) at 4 steps; the ima
 run interleaved in one process (``harness.py``); the script prints medians and the ratios
 ``asyndm / dm`` of the wall time per step (diffusers' ``callback_on_step_end``), end to end
 (the whole ``__call__``: both text encoders, sampling, VAE decode) and peak memory.
+``--adapters`` measures the adapters alone instead (:func:`adapter_costs`).
 
 example: python benchmarks/bench_flux.py --repeats 5 --threads 1
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -108,6 +110,63 @@ def run_benchmark(pipe, *, steps: int, grid: int, guidance: float, text_len: int
     return summary
 
 
+def adapter_costs(transformer, grid: int, text_len: int, repeats: int = 12) -> dict:
+    """Process CPU ms of one transformer call: plain, with the capture, with a per-token map.
+
+    The adapters alone, no pipeline: ``none`` / ``capture`` / ``recompute`` (the capture
+    without reusing the processor's queries and keys) and ``plain`` / ``per_token`` (a map
+    with two timesteps, the top-left third of the grid lagging), interleaved, medians.
+    """
+    from asyndm.adapters.flux import FluxAttentionCapture, FluxPerTokenTimestep
+
+    ids = torch.zeros(grid, grid, 3)
+    ids[..., 1] = torch.arange(grid)[:, None]
+    ids[..., 2] = torch.arange(grid)[None, :]
+    gen = torch.Generator().manual_seed(0)
+    dim = transformer.config.joint_attention_dim
+    kw = dict(hidden_states=torch.randn(1, grid * grid, transformer.config.in_channels,
+                                        generator=gen),
+              encoder_hidden_states=torch.randn(1, text_len, dim, generator=gen),
+              pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim,
+                                             generator=gen),
+              img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text_len, 3),
+              timestep=torch.tensor([0.5]), return_dict=False)
+    if transformer.config.guidance_embeds:
+        kw["guidance"] = torch.tensor([3.5])
+    t_map = torch.full((1, grid, grid), 0.5)
+    t_map[:, :grid // 3, :grid // 3] = 0.7
+    positions = torch.tensor([[1, 2, 5]])
+
+    @torch.no_grad()
+    def call(case: str) -> float:
+        cap = None
+        if case in ("capture", "recompute"):
+            cap = FluxAttentionCapture(transformer, (grid, grid)).install()
+            if case == "recompute":
+                for handle in cap._handles:
+                    handle.remove()
+            cap.start(positions)
+        per_token = FluxPerTokenTimestep(transformer).install() if case == "per_token" else None
+        args = {**kw, "timestep": t_map} if per_token is not None else kw
+        start = time.process_time()
+        transformer(**args)
+        if cap is not None:
+            cap.stop()
+        took = time.process_time() - start
+        if cap is not None:
+            cap.remove()
+        if per_token is not None:
+            per_token.remove()
+        return took
+
+    cases = ["none", "capture", "recompute", "plain", "per_token"]
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for r in range(repeats):
+        for case in cases if r % 2 == 0 else cases[::-1]:
+            times[case].append(call(case))
+    return {c: 1000 * statistics.median(v) for c, v in times.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -128,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true", help="skip the 3-step warm-up runs")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--adapters", action="store_true",
+                   help="instead: one transformer call's CPU ms with and without each adapter")
     return p
 
 
@@ -141,6 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = build_pipeline(args.size, args.variant, device, dtype)
     model = f"random-init Flux '{args.size}' ({args.variant})"
     print(f"model: {model}")
+    if args.adapters:
+        costs = adapter_costs(pipe.transformer, args.grid, settings["text_len"], args.repeats)
+        print("one transformer call, process CPU ms (medians): " +
+              ", ".join(f"{c} {ms:.1f}" for c, ms in costs.items()))
+        return {"adapters_ms": costs, "model": model}
     results = run_benchmark(pipe, steps=args.steps or settings["steps"], grid=args.grid,
                             guidance=settings["guidance"], text_len=settings["text_len"],
                             repeats=args.repeats, warmup=not args.no_warmup, seed=args.seed)

@@ -524,3 +524,5 @@ def test_flux_benchmark_runs_and_reports_its_ratio():
                                "--variant", "schnell"])
     assert set(results["ratios"]) == {"asyndm/dm"}
     assert results["ratios"]["asyndm/dm"]["step"] > 0 and results["steps"] == 4
+    costs = bench_flux.main(["--adapters", "--grid", "4", "--repeats", "1"])["adapters_ms"]
+    assert set(costs) == {"none", "capture", "recompute", "plain", "per_token"}
