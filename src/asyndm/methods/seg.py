@@ -18,7 +18,10 @@ combination above), so SEG is diffusers' PAG pipeline (:mod:`asyndm.methods.pag`
 :class:`SEGProcessor` installed through the pipeline's own ``set_pag_applied_layers(...,
 pag_attn_processors=...)`` seam in place of the identity-attention processors. diffusers'
 experimental ``SmoothedEnergyGuidance`` guider (modular SDXL / SD3 / Flux) is not used: issue
-16 reports its two blur branches swapped (an open fix). ``scale = 0`` is the parent's CFG loop
+16 reports its blur branches swapped (an open fix); reading it in diffusers 0.42.1, the blur
+hook goes on the prepared branch whose count is 3 (``is_conditional``: count 1 or 3, and
+count > 1), which is ``pred_cond_seg`` with CFG on, but with CFG off ``pred_cond_seg`` is
+the 2nd branch and is never blurred. ``scale = 0`` is the parent's CFG loop
 exactly; one UNet call per step, 3 rows per image. SDXL: yes (the official code is SDXL).
 """
 
