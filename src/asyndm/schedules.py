@@ -34,6 +34,7 @@ last step, which the step function reads as "clean" (the scheduler's final alpha
 from __future__ import annotations
 
 import copy
+import functools
 
 import math
 from collections.abc import Callable, Sequence
@@ -47,6 +48,17 @@ FINAL_STATE = 0.0
 CurveFn = Callable[[torch.Tensor, int, "torch.Tensor | float", float, float, float], torch.Tensor]
 
 
+@functools.lru_cache(maxsize=64)
+def _scalar_on(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device, made once (an operator
+    each step otherwise); the formulas only read it."""
+    return _scalar_on(float(value), like.dtype, like.device)
+
+
 def linear_next(s: torch.Tensor, n: int, target: float) -> torch.Tensor:
     """Linear re-solve: the straight line through ``(0, s)`` and ``(n, target)``, one step on.
 
@@ -54,7 +66,7 @@ def linear_next(s: torch.Tensor, n: int, target: float) -> torch.Tensor:
     ``s (1 - 1/n) + target / n`` with ``target`` a tensor of ``s``'s dtype, so that states
     halfway between two integers round as they do there.
     """
-    return s * (1 - 1 / n) + torch.tensor(target, dtype=s.dtype, device=s.device) / n
+    return s * (1 - 1 / n) + _scalar(target, s) / n
 
 
 # The curves below take ``k`` as a Python float (one region's strength: the arithmetic on
@@ -73,7 +85,7 @@ def quadratic_next(
     a pixel that stays in its region follows one parabola for the whole run.
     """
     c = -k * (y_scale / (x_scale * x_scale))
-    x0 = (c * n**2 - (torch.tensor(target, dtype=s.dtype, device=s.device) - s)) / (2 * c * n)
+    x0 = (c * n**2 - (_scalar(target, s) - s)) / (2 * c * n)
     y0 = s - c * x0**2
     return c * (1 - x0) ** 2 + y0
 

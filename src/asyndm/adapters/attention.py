@@ -171,7 +171,10 @@ class CaptureProcessor:
 
     def _fold(self, attn, encoder_hidden_states) -> tuple:
         """``M`` ``(B, C, H*L)``, the query bias's scores ``(B, 1, H*L)`` (or ``None``) and
-        ``F`` ``(B, H*L, S)``, float32, once per run (see the class docstring)."""
+        ``F`` ``(B, H*L, S)``, once per run (see the class docstring). ``M`` is made in
+        float32 and kept in the model's dtype (float32 where the layer upcasts its
+        attention): the scores are then computed as precisely as the model's own attention
+        computes them, at half the memory in half precision; the softmax is float32."""
         key = self._cache_key(encoder_hidden_states)
         if self._same(self._folded, key):
             return self._folded[1:]
@@ -179,11 +182,14 @@ class CaptureProcessor:
         k_t = self._scaled_keys(attn, encoder_hidden_states)  # (B, H, d, L)
         bsz, heads, dim, n_k = k_t.shape
         wq = attn.to_q.weight.float().reshape(heads, dim, -1)  # (H, d, C)
-        fold_m = torch.einsum("hdc,bhdl->bchl", wq, k_t).flatten(2)  # (B, C, H*L)
+        upcast = getattr(attn, "upcast_attention", False) or getattr(attn, "upcast_softmax", False)
+        dtype = torch.float32 if upcast else attn.to_q.weight.dtype
+        fold_m = torch.einsum("hdc,bhdl->bchl", wq, k_t).flatten(2).to(dtype)  # (B, C, H*L)
         bias = None
         if attn.to_q.bias is not None:
             bq = attn.to_q.bias.float().reshape(heads, dim)  # (H, d)
             bias = torch.einsum("hd,bhdl->bhl", bq, k_t).flatten(1)[:, None]  # (B, 1, H*L)
+            bias = bias.to(dtype)
         w = st.weights.float().to(k_t.device)  # (B, S, P)
         cols = torch.zeros(bsz, n_k, w.shape[1], device=k_t.device)  # (B, L, S)
         cols.scatter_add_(1, st.positions[:, :, None].expand(-1, -1, w.shape[1]),
@@ -198,10 +204,11 @@ class CaptureProcessor:
         if x.ndim == 4:
             x = x.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
         fold_m, bias, fold_f = fold
-        x = x.float()
+        x = x.to(fold_m.dtype)
         scores = torch.bmm(x, fold_m) if bias is None else torch.baddbmm(bias, x, fold_m)
         bsz, n_q, _ = scores.shape  # (B, N, H*L)
-        probs = scores.view(bsz, n_q, attn.heads, -1).softmax(dim=-1)  # (B, N, H, L)
+        scores = scores.view(bsz, n_q, attn.heads, -1).float()  # (B, N, H, L)
+        probs = scores.softmax(dim=-1)
         st.add_folded(probs.view(bsz, n_q, -1), fold_f)
 
     def _subject_probs(self, attn, hidden_states, encoder_hidden_states) -> torch.Tensor:
