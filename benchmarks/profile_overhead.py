@@ -287,7 +287,9 @@ def profile(unet, *, latent_hw, iters: int = 20, variants=None, log=print,
             rows[f"pipeline {mode}"] = {
                 "aten_ops": later, "kernels": _per_step(ops.kernels_per_step, PIPE_STEPS)[1],
                 "first_aten_ops": first, "syncs": _per_step(syncs.per_step, PIPE_STEPS)[1],
-                "first_syncs": syncs.per_step[0]}
+                "first_syncs": syncs.per_step[0],
+                "steps_aten_ops": [ops.per_step[i] for i in range(PIPE_STEPS)],
+                "steps_syncs": [syncs.per_step[i] for i in range(PIPE_STEPS)]}
             calls[f"pipeline {mode}"] = _thunk(call, mode)
             steps[f"pipeline {mode}"] = PIPE_STEPS
         _time(rows, calls, steps, iters, device)
@@ -351,8 +353,8 @@ def _report(rows: dict, log) -> None:
             f"{r['ms']:8.2f} {r['cpu_ms']:8.2f}")
     for mode in ("dm", "asyndm"):
         r = rows[f"pipeline {mode}"]
-        log(f"pipeline {mode}, first step: {r['first_aten_ops']:.0f} aten ops, "
-            f"{r['first_syncs']} syncs")
+        log(f"pipeline {mode}, steps 0..{PIPE_STEPS - 1}: aten ops {r['steps_aten_ops']}, "
+            f"host syncs {r['steps_syncs']}")
 
 
 def main(argv: list[str] | None = None, unet=None) -> dict:
