@@ -60,6 +60,15 @@ def test_bench_sd21_interleaves_compiled_modes():
     assert results["compile"] == "default"
 
 
+def test_compile_check_compiles_once_per_kind_of_step():
+    import compile_check
+
+    rows = compile_check.main(["--backend", "eager", "--steps", "3"])
+    assert rows["dm"]["graphs"] == 1 and rows["asyndm"]["graphs"] == 3
+    assert rows["asyndm again"]["graphs"] == rows["asyndm, 8 steps"]["graphs"] == 3
+    assert rows["asyndm"]["max_diff"] < 1e-5  # the eager backend runs the traced graph as is
+
+
 def test_bench_embedded_runs_on_tiny_random_model():
     results = bench_embedded.main(["--model", "random", "--size", "tiny", "--steps", "3",
                                    "--repeats", "1", "--no-warmup"])
