@@ -236,8 +236,9 @@ class AsynDMHooks:
                 self.capture = (joint(self.unet, grid, self.mask_level)
                                 if self.mmdit else
                                 self.capture_cls(self.unet, grid, self.mask_level)).install()
-            text = None if self.mmdit else (args[2] if len(args) > 2
-                                            else kwargs.get("encoder_hidden_states"))
+            text = None  # the layers' text, where it is the UNet's own argument
+            if not self.mmdit and getattr(self.unet, "encoder_hid_proj", None) is None:
+                text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
             self.capture.start(run.subjects.positions, self._cond_rows(rows, bsz),
                                run.subjects.weights, text=text)  # subject maps straight out
             self._capturing = True
