@@ -32,7 +32,8 @@ from asyndm.adapters.unet import check_unet_supported
 class NaivePerPixelTimestep:
     """Per-pixel time embedding at full latent resolution (context manager)."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, num_timesteps: int = 1000) -> None:
+        # num_timesteps: the interface of asyndm's PerPixelTimestep (no table here)
         check_unet_supported(unet)
         cfg = unet.config
         if cfg.addition_embed_type is not None or cfg.class_embed_type is not None:

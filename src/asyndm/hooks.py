@@ -128,11 +128,11 @@ class AsynDMHooks:
             if run.mode != "dm":
                 adapter = ((FluxPerTokenTimestep if self.flux else PerTokenTimestep)
                            if self.mmdit else self.per_pixel_cls)
-                if issubclass(adapter, PerPixelTimestep):  # its table spans the train steps
+                if self.mmdit:
+                    per_pixel = adapter(model).install()
+                else:  # the UNet's tables span the train timesteps
                     n_train = int(sched.config.num_train_timesteps)
                     per_pixel = adapter(model, num_timesteps=n_train).install()
-                else:
-                    per_pixel = adapter(model).install()
                 self._undo.append(per_pixel.remove)
             handle = model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True)
             self._undo.append(handle.remove)

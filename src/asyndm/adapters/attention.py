@@ -130,14 +130,19 @@ class CaptureProcessor:
         encoder_hidden_states = args[0] if args else kwargs.get("encoder_hidden_states")
         st = self.store
         if st.positions is not None and encoder_hidden_states is not None:
-            if (self.fold_subjects and st.weights is not None
-                    and getattr(attn, "norm_q", None) is None
-                    and getattr(attn, "norm_k", None) is None):
+            if self.folds(attn):
                 fold = self.ready or self._fold(attn, encoder_hidden_states)
                 self._add_folded(attn, hidden_states, fold)
             else:
                 st.add(self._subject_probs(attn, hidden_states, encoder_hidden_states))
         return out
+
+    def folds(self, attn) -> bool:
+        """Whether this call takes the folded path (subject weights set, a plain
+        cross-attention layer)."""
+        return (self.fold_subjects and self.store.weights is not None
+                and getattr(attn, "norm_q", None) is None
+                and getattr(attn, "norm_k", None) is None)
 
     def _cache_key(self, encoder_hidden_states) -> tuple:
         """The text is the same tensor at every step of a run: what is made from it is kept
@@ -283,9 +288,7 @@ class AttentionCapture:
         for mod in self.layers.values():
             proc = mod.processor
             if isinstance(proc, CaptureProcessor):
-                ready = (text is not None and weights is not None and proc.fold_subjects
-                         and getattr(mod, "norm_q", None) is None
-                         and getattr(mod, "norm_k", None) is None)
+                ready = text is not None and proc.folds(mod)
                 proc.ready = proc._fold(mod, text) if ready else None
 
     def stop(self) -> torch.Tensor:

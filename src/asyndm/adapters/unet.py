@@ -127,8 +127,12 @@ class _Silenced(nn.Module):
             return self.inner(x, *args, **kwargs)
         if self.first_only:
             st.silenced_time_proj = True
-        dtype = torch.float32 if self.first_only else x.dtype  # ``Timesteps`` gives float32
-        return self.owner._zeros((x.shape[0], self.width), dtype, x.device)
+        return self.zeros(x.shape[0], x.dtype, x.device)
+
+    def zeros(self, rows: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The cached ``(rows, width)`` zeros it returns (``Timesteps`` gives float32)."""
+        dtype = torch.float32 if self.first_only else dtype
+        return self.owner._zeros((rows, self.width), dtype, device)
 
 
 @dataclass
@@ -182,6 +186,7 @@ class PerPixelTimestep:
         self._zero_cache: dict[tuple, torch.Tensor] = {}
         self._groups: list[_Group] = []
         self._where: dict[nn.Module, tuple[int, int]] = {}  # ResNet -> (group, index)
+        self._extra = "none"  # how the per-sample extra embedding is known (_extra_kind)
         self._embedded: tuple | None = None  # (device, dtype, weights, (T, C) table)
         # ((device, dtype), conditioning (tensor, version) pairs or None, per group tables)
         self._tables: tuple | None = None
@@ -197,7 +202,8 @@ class PerPixelTimestep:
         self._swap(unet, "time_proj", unet.time_proj.num_channels, first_only=True)
         self._swap(unet, "time_embedding", unet.time_embedding.linear_2.out_features)
         act = getattr(unet, "time_embed_act", None)  # SD 1.x / 2.x and ControlNets have none
-        record = self._extra_kind() == "recorded"
+        self._extra = self._extra_kind()
+        record = self._extra == "recorded"
         if act is not None and record:
             add(act.register_forward_pre_hook(self._record_extra))
         groups: dict[tuple, _Group] = {}
@@ -268,14 +274,11 @@ class PerPixelTimestep:
         source = (*args[2:], *(v for k, v in sorted(kwargs.items()) if k != "timestep"))
         st = _CallState(t_map=t_map, source=_tensors(source), dtype=sample.dtype)
         for *_, stand_in in self._swapped:  # made outside a compiled call
-            dtype = torch.float32 if stand_in.first_only else sample.dtype
-            self._zeros((sample.shape[0], stand_in.width), dtype, sample.device)
-        kind = self._extra_kind()
-        if kind != "recorded":  # the tables before the call: the call itself only looks up
+            stand_in.zeros(sample.shape[0], sample.dtype, sample.device)
+        if self._extra != "recorded":  # the tables before the call: the call only looks up
             # (the stand-ins pass through until the state is set: class embeddings of
             # class_embed_type="timestep" use time_proj)
-            extra = None if kind == "none" else self._eager_extra(sample, args, kwargs, st)
-            self._prepare(st, extra, sample)
+            self._prepare(st, lambda: self._eager_extra(sample, args, kwargs), sample)
         self._state = st
         placeholder = t_map.flatten(1)[:, 0]  # (B,): its embedding is zeroed
         if in_args:
@@ -307,11 +310,8 @@ class PerPixelTimestep:
             st.extra = args[1] if len(args) > 1 else kwargs["temb"]
         return None
 
-    def _eager_extra(self, sample, args, kwargs, st: _CallState) -> torch.Tensor | None:
-        """``(B, C)`` class plus added embedding, by the model's own methods (``None`` if
-        the tables for this call's conditioning are made already)."""
-        if self._tables is not None and _unchanged(self._tables[1], st.source):
-            return None
+    def _eager_extra(self, sample, args, kwargs) -> torch.Tensor:
+        """``(B, C)`` class plus added embedding, by the model's own methods."""
         m = self.unet
         params = ("encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask",
                   "cross_attention_kwargs", "added_cond_kwargs")
@@ -325,8 +325,9 @@ class PerPixelTimestep:
             extra = aug if extra is None else extra + aug
         return emb if extra is None else extra.to(emb.dtype)
 
-    def _prepare(self, st: _CallState, extra: torch.Tensor | None, like: torch.Tensor) -> None:
-        """The call's tables and its map's table rows (``b T + t`` for per-sample tables)."""
+    def _prepare(self, st: _CallState, extra, like: torch.Tensor) -> None:
+        """The call's tables and its map's table rows (``b T + t`` for per-sample tables);
+        ``extra()`` gives the ``(B, C)`` extra embedding, asked for only to make tables."""
         st.tables = self._projection_tables(st, extra, like)
         rows = st.t_map
         if st.tables[0].shape[0] != self.num_timesteps:  # per sample: b's rows from b * T
@@ -347,19 +348,19 @@ class PerPixelTimestep:
             self._embedded = cached = (device, dtype, weights.data_ptr(), mlp(t_emb))
         return cached[3]
 
-    def _projection_tables(self, st: _CallState, extra: torch.Tensor | None,
+    def _projection_tables(self, st: _CallState, extra,
                            like: torch.Tensor) -> list[torch.Tensor]:
         """Per group, ``(T, sum C)`` (or ``(B T, sum C)``) projections of the table; kept
-        while the call's conditioning tensors are the same objects, unmodified (``extra``
-        ``None``: none, or the kept tables are this conditioning's)."""
-        per_sample = self._extra_kind() != "none"
+        while the call's conditioning tensors are the same objects, unmodified (``extra``:
+        as in :meth:`_prepare`, called only for new per-sample tables)."""
+        per_sample = self._extra != "none"
         source = st.source if per_sample else None
         if (self._tables is not None and self._tables[0] == (like.device, like.dtype)
                 and _unchanged(self._tables[1], source)):
             return self._tables[2]
         emb = self._embedding_table(like.device, like.dtype)  # (T, C)
         if per_sample:
-            emb = emb + extra[:, None]  # (B, T, C)
+            emb = emb + extra()[:, None]  # (B, T, C)
         act = getattr(self.unet, "time_embed_act", None)
         if act is not None:
             emb = act(emb)
@@ -396,7 +397,7 @@ class PerPixelTimestep:
         maps = st.maps.get(g)
         if maps is None:
             if st.tables is None:  # the extra was recorded inside this call
-                self._prepare(st, st.extra, like)
+                self._prepare(st, lambda: st.extra, like)
             table = st.tables[g]  # (T | B T, sum C)
             rows = self._rows_at(st, tuple(like.shape[-2:]))  # (B, h, w)
             gathered = F.embedding(rows, table)  # (B, h, w, sum C)
