@@ -34,6 +34,10 @@ the UNet's time MLP; per block a lookup and a split. On SD 2.1's architecture th
 operators than the UNet's own scalar path (``benchmarks/profile_overhead.py``), no host
 synchronisation, and shapes that do not depend on the map's values (for ``torch.compile``).
 
+With gradients enabled (training on timestep maps, `asyndm.shapes.train`) the tables are
+made anew at every call, inside its graph, so gradients reach the time MLP and every
+ResNet's ``time_emb_proj``; the cache only serves inference.
+
 Removing the hooks (``remove()`` or leaving the ``with`` block) restores the UNet exactly.
 """
 
@@ -273,6 +277,8 @@ class PerPixelTimestep:
             return None
         source = (*args[2:], *(v for k, v in sorted(kwargs.items()) if k != "timestep"))
         st = _CallState(t_map=t_map, source=_tensors(source), dtype=sample.dtype)
+        if torch.is_grad_enabled():  # training: this call's tables, in this call's graph
+            self._tables = self._embedded = None
         for *_, stand_in in self._swapped:  # made outside a compiled call
             stand_in.zeros(sample.shape[0], sample.dtype, sample.device)
         if self._extra != "recorded":  # the tables before the call: the call only looks up

@@ -10,6 +10,11 @@ Objective (v-prediction, pixel-space latents ``z0 = pixel_unshuffle(x0, 2)``):
 | v      | ``sqrt(a_t) eps - sqrt(1 - a_t) z0``                         |
 | loss   | ``mean((unet(z_t, t, text_encoder(prompt)) - v) ** 2)``      |
 
+With ``timestep_maps`` other than ``"1,0,0"`` each image draws a per-pixel timestep map
+``t (16, 16)`` from a mixture (`asyndm.shapes.timestep_maps`), ``a_t`` is gathered per
+pixel, the UNet takes the map through `asyndm.adapters.unet.PerPixelTimestep` (the
+sampler's own adapter) and the MSE is per pixel at each pixel's level.
+
 A prompt is replaced by ``""`` with probability ``cfg_dropout`` so the model also learns the
 unconditional prediction that classifier-free guidance needs.
 
@@ -26,6 +31,7 @@ and the exported fp16 EMA model folder ``model/`` (on-disk formats: `asyndm.shap
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -44,6 +50,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from asyndm.adapters.unet import PerPixelTimestep
 from asyndm.shapes.checkpoint import (
     export_ema_folder,
     init_from_folder,
@@ -65,6 +72,12 @@ from asyndm.shapes.model import (
     param_counts,
     pixels_to_latents,
 )
+from asyndm.shapes.timestep_maps import (
+    MapMixture,
+    draw_maps,
+    noisy_and_velocity,
+    region_trajectories,
+)
 
 __all__ = [
     "DataSource",
@@ -81,7 +94,7 @@ __all__ = [
 # Fields that define the training trajectory; a resumed run must not change them.
 _TRAJECTORY_FIELDS = (
     "size", "seed", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
-    "ema_decay", "cfg_dropout",
+    "ema_decay", "cfg_dropout", "timestep_maps",
 )
 
 
@@ -118,8 +131,12 @@ class TrainConfig:
     render_on_device: bool = False
     compile: bool = False
     init_from: str | None = None
+    timestep_maps: str = "1,0,0"
 
     def __post_init__(self) -> None:
+        if not MapMixture.parse(self.timestep_maps).synchronous and self.compile:
+            raise ValueError("compile is not supported with timestep maps (the per-pixel "
+                             "adapter's hooks are installed around every step)")
         if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
             raise ValueError(f"init_from={self.init_from!r} is not a model folder "
                              "(no model_index.json)")
@@ -150,13 +167,15 @@ class DataSource:
     vocabulary: Callable[[], list[str]]
     sample_batch: Callable[[np.random.Generator, int], tuple[list[Any], list[str]]]
     render: Callable[..., torch.Tensor]
+    objects: Callable[..., torch.Tensor] | None = None  # (B, size, size) bool object pixels
 
 
 def world_source() -> DataSource:
     """The shapes world (`asyndm.shapes.grammar`, `.world` and `.render`)."""
     from asyndm.shapes import grammar, render
 
-    return DataSource(grammar.vocabulary, grammar.sample_batch, render.render)
+    return DataSource(grammar.vocabulary, grammar.sample_batch, render.render,
+                      render.object_masks)
 
 
 @dataclass(frozen=True)
@@ -166,7 +185,7 @@ class TrainBatch:
     pixels: torch.Tensor | None  # (B, 3, 32, 32) in [-1, 1]
     input_ids: torch.Tensor  # (B, L) int64
     noise: torch.Tensor  # (B, 12, 16, 16)
-    timesteps: torch.Tensor  # (B,) int64
+    timesteps: torch.Tensor  # (B,) int64, or (B, 16, 16) per-pixel maps
     scenes: list[Any] | None = None
 
     def pin_memory(self) -> TrainBatch:
@@ -205,12 +224,15 @@ def make_batch(
     cfg_dropout: float,
     num_train_timesteps: int = 1000,
     render: bool = True,
+    maps: tuple[MapMixture, torch.Tensor] | None = None,
 ) -> TrainBatch:
     """The batch of training step ``step``: a pure function of ``(seed, step)`` and the world.
 
     Scenes come from a numpy generator seeded by ``(seed, step, 0)``; prompt dropout, noise and
     timesteps from a torch generator seeded by ``(seed, step, 1)``. With ``render=False`` the
-    scenes are returned unrendered for the training device to render.
+    scenes are returned unrendered for the training device to render. With ``maps``
+    (a mixture and its `region_trajectories` table) the timesteps are per-pixel maps drawn
+    from a third generator seeded by ``(seed, step, 2)``; without, batches are unchanged.
     """
     rng = np.random.default_rng(_step_seed(seed, step, 0))
     scenes, prompts = source.sample_batch(rng, batch_size)
@@ -226,6 +248,12 @@ def make_batch(
     ).input_ids  # (B, L)
     noise = torch.randn(batch_size, 12, IMAGE_SIZE // 2, IMAGE_SIZE // 2, generator=gen)
     timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
+    if maps is not None:
+        if source.objects is None:
+            raise ValueError("timestep maps need a data source that gives object pixels")
+        objects = source.objects(scenes, size=IMAGE_SIZE // 2, device=None)  # (B, 16, 16)
+        map_gen = torch.Generator().manual_seed(_step_seed(seed, step, 2))
+        timesteps, _ = draw_maps(map_gen, objects, maps[0], maps[1], num_train_timesteps)
     if not render:
         return TrainBatch(None, ids, noise, timesteps, scenes=list(scenes))
     pixels = source.render(scenes, size=IMAGE_SIZE, device=None).float() * 2.0 - 1.0
@@ -238,8 +266,10 @@ class _BatchStream(torch.utils.data.IterableDataset):
     The DataLoader reads its workers round-robin, so the batches arrive in step order.
     """
 
-    def __init__(self, source: DataSource, tokenizer: Any, cfg: TrainConfig, start: int):
+    def __init__(self, source: DataSource, tokenizer: Any, cfg: TrainConfig, start: int,
+                 maps: tuple[MapMixture, torch.Tensor] | None = None):
         self.source, self.tokenizer, self.cfg, self.start = source, tokenizer, cfg, start
+        self.maps = maps
 
     def __iter__(self) -> Iterator[TrainBatch]:
         info = torch.utils.data.get_worker_info()
@@ -248,7 +278,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
         while True:
             yield make_batch(
                 self.source, self.tokenizer, self.cfg.seed, step, self.cfg.batch_size,
-                self.cfg.cfg_dropout, render=not self.cfg.render_on_device,
+                self.cfg.cfg_dropout, render=not self.cfg.render_on_device, maps=self.maps,
             )
             step += workers
 
@@ -259,9 +289,10 @@ def _worker_init(_: int) -> None:
 
 
 def _batches(
-    source: DataSource, tokenizer: Any, cfg: TrainConfig, start: int, device: torch.device
+    source: DataSource, tokenizer: Any, cfg: TrainConfig, start: int, device: torch.device,
+    maps: tuple[MapMixture, torch.Tensor] | None = None,
 ) -> Iterator[TrainBatch]:
-    stream = _BatchStream(source, tokenizer, cfg, start)
+    stream = _BatchStream(source, tokenizer, cfg, start, maps)
     if cfg.num_workers == 0:
         return iter(stream)
     loader = torch.utils.data.DataLoader(
@@ -383,11 +414,17 @@ def train(
         torch.manual_seed(cfg.seed)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1), "utf-8")
 
+    mixture = MapMixture.parse(cfg.timestep_maps)
+    maps, adapter = None, None
+    if not mixture.synchronous:  # per-pixel levels through the sampler's own adapter,
+        # installed around each step's forward only, so checkpoints keep the UNet's own names
+        maps = (mixture, region_trajectories(scheduler, mixture)[1])
+        adapter = PerPixelTimestep(modules["unet"], scheduler.config.num_train_timesteps)
     unet = torch.compile(modules["unet"]) if cfg.compile else modules["unet"]
     text_encoder = modules["text_encoder"]
     ema_keys = list(params)
     ema_list, param_list = [ema[k] for k in ema_keys], [params[k] for k in ema_keys]
-    batches = _batches(source, comps["tokenizer"], cfg, step, device)
+    batches = _batches(source, comps["tokenizer"], cfg, step, device, maps)
     max_steps = cfg.max_steps if cfg.max_steps is not None else math.inf
     budget_s = cfg.minutes * 60.0
 
@@ -413,7 +450,8 @@ def train(
         if batch.pixels is None:
             pixels = source.render(batch.scenes, size=IMAGE_SIZE, device=device)
             batch = replace(batch, pixels=pixels.float() * 2.0 - 1.0)
-        loss = _train_step(unet, text_encoder, scheduler, opt, batch, step, cfg, device)
+        loss = _train_step(unet, text_encoder, scheduler, opt, batch, step, cfg, device,
+                           adapter)
         with torch.no_grad():
             torch._foreach_lerp_(ema_list, param_list, 1.0 - ema_decay_at(step, cfg.ema_decay))
         window_loss += loss
@@ -470,12 +508,14 @@ def _restore(
 def _train_step(
     unet: Callable, text_encoder: nn.Module, scheduler: Any, opt: torch.optim.Optimizer,
     batch: TrainBatch, step: int, cfg: TrainConfig, device: torch.device,
+    adapter: PerPixelTimestep | None = None,
 ) -> torch.Tensor:
     """One optimiser step; returns the detached loss without reading it (no host sync)."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss = _v_loss(unet, text_encoder, scheduler, batch)
+        with adapter if adapter is not None else contextlib.nullcontext():
+            loss = _v_loss(unet, text_encoder, scheduler, batch)
     loss.backward()
     params = [p for group in opt.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -487,8 +527,11 @@ def _train_step(
 def _v_loss(unet: Callable, text_encoder: nn.Module, scheduler: Any, batch: TrainBatch):
     """v-prediction MSE of one batch (see the module docstring), returned as a float32 scalar."""
     z0 = pixels_to_latents(batch.pixels)  # (B, 12, 16, 16)
-    z_t = scheduler.add_noise(z0, batch.noise, batch.timesteps)
-    v = scheduler.get_velocity(z0, batch.noise, batch.timesteps)
+    if batch.timesteps.dim() == 3:  # (B, 16, 16) maps: every pixel at its own level
+        z_t, v = noisy_and_velocity(z0, batch.noise, batch.timesteps, scheduler.alphas_cumprod)
+    else:
+        z_t = scheduler.add_noise(z0, batch.noise, batch.timesteps)
+        v = scheduler.get_velocity(z0, batch.noise, batch.timesteps)
     context = text_encoder(batch.input_ids).last_hidden_state  # (B, L, D)
     pred = unet(z_t, batch.timesteps, encoder_hidden_states=context).sample  # (B, 12, 16, 16)
     return F.mse_loss(pred.float(), v.float())
@@ -510,7 +553,9 @@ def _summary(cfg: TrainConfig, step: int, seconds: float, history: list, vocab: 
 
 def _check_resumable(cfg: TrainConfig, state: dict, words: list[str]) -> None:
     saved = state["config"]
-    changed = [f for f in _TRAJECTORY_FIELDS if saved.get(f) != getattr(cfg, f)]
+    default = TrainConfig()  # a field older checkpoints lack had its default then
+    changed = [f for f in _TRAJECTORY_FIELDS
+               if saved.get(f, getattr(default, f)) != getattr(cfg, f)]
     if changed:
         raise ResumeError(f"cannot resume with changed settings: {changed}")
     if state["words"] != words:

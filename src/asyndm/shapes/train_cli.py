@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--init-from", default=_D.init_from, metavar="MODEL_DIR",
       help="start from the weights of an exported model folder, fresh optimiser "
       "(default: %(default)s = random init)")
+    a("--timestep-maps", default=_D.timestep_maps, metavar="SHARED,ASYNDM,SMOOTH",
+      help="weights of the per-image timestep-map kinds: one shared t (today's training), "
+      "AsynDM-shaped maps (objects lagging on the quadratic curve, k in [0.1, 0.7]) and "
+      "smooth random maps; see asyndm.shapes.timestep_maps (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
