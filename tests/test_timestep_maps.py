@@ -21,15 +21,13 @@ from asyndm.shapes.timestep_maps import (
 from asyndm.shapes.tokenizer import write_clip_tokenizer
 from asyndm.shapes.train import DataSource, ResumeError, TrainConfig, make_batch, train
 from asyndm.shapes.world import COLOURS
-from tests.test_shapes_train import TINY, _render, _sample_batch, _vocabulary
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_shapes_train import (  # noqa: F401 (_one_thread: an autouse fixture)
+    TINY,
+    _one_thread,
+    _render,
+    _sample_batch,
+    _vocabulary,
+)
 
 
 def _scheduler() -> DDIMScheduler:
