@@ -102,8 +102,13 @@ def _background(p: dict[str, torch.Tensor], xs: torch.Tensor, pixel: float) -> t
     return c0 * (1 - w) + c1 * w
 
 
-def _alpha(scenes: Sequence[Scene], size: int, dev: torch.device):
-    """The packed scenes and every object slot's coverage ``(B, K, H, W)`` in [0, 1]."""
+def _alpha(scenes: Sequence[Scene], size: int, device):
+    """The packed scenes, the pixel grid and every object slot's coverage ``(B, K, H, W)``."""
+    if not scenes:
+        raise ValueError("render needs at least one scene")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     p = {k: torch.from_numpy(v).to(dev) for k, v in _pack(scenes).items()}
     pixel = CANVAS / size
     xs = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) * pixel  # (W,)
@@ -114,14 +119,6 @@ def _alpha(scenes: Sequence[Scene], size: int, dev: torch.device):
     return p, xs, pixel, _coverage(_object_sdf(p["shape"], dx, dy, half), pixel)
 
 
-def _checked(scenes: Sequence[Scene], size: int, device) -> torch.device:
-    if not scenes:
-        raise ValueError("render needs at least one scene")
-    if size < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    return torch.device(device) if device is not None else torch.device("cpu")
-
-
 def render(scenes: Sequence[Scene], size: int = 32,
            device: torch.device | str | None = None) -> torch.Tensor:
     """Draw ``scenes`` as a float32 tensor ``(B, 3, size, size)`` with values in [0, 1].
@@ -129,7 +126,7 @@ def render(scenes: Sequence[Scene], size: int = 32,
     Canvas units are scaled to ``size`` pixels; pixel ``i`` covers canvas
     ``[i, i + 1) * CANVAS / size``. Deterministic: equal scenes give bit-identical images.
     """
-    p, xs, pixel, alpha = _alpha(scenes, size, _checked(scenes, size, device))
+    p, xs, pixel, alpha = _alpha(scenes, size, device)
     image = _background(p, xs, pixel)  # (B, 3, H, W)
     for k in range(MAX_OBJECTS):
         a = alpha[:, k, None]  # (B, 1, H, W)
@@ -140,7 +137,7 @@ def render(scenes: Sequence[Scene], size: int = 32,
 def object_masks(scenes: Sequence[Scene], size: int = 32,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """``(B, size, size)`` bool: the pixels at least half covered by some object."""
-    _, _, _, alpha = _alpha(scenes, size, _checked(scenes, size, device))
+    _, _, _, alpha = _alpha(scenes, size, device)
     return alpha.amax(dim=1) >= 0.5  # (B, H, W)
 
 

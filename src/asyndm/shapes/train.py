@@ -134,7 +134,7 @@ class TrainConfig:
     timestep_maps: str = "1,0,0"
 
     def __post_init__(self) -> None:
-        if not MapMixture.parse(self.timestep_maps).synchronous and self.compile:
+        if not self.mixture.synchronous and self.compile:
             raise ValueError("compile is not supported with timestep maps (the per-pixel "
                              "adapter's hooks are installed around every step)")
         if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
@@ -153,6 +153,11 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1 or None")
         torch.device(self.device)  # raises on a malformed device string
+
+    @property
+    def mixture(self) -> MapMixture:
+        """The parsed ``timestep_maps`` (parsing validates it, on creation too)."""
+        return MapMixture.parse(self.timestep_maps)
 
 
 @dataclass(frozen=True)
@@ -414,7 +419,7 @@ def train(
         torch.manual_seed(cfg.seed)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1), "utf-8")
 
-    mixture = MapMixture.parse(cfg.timestep_maps)
+    mixture = cfg.mixture
     maps, adapter = None, None
     if not mixture.synchronous:  # per-pixel levels through the sampler's own adapter,
         # installed around each step's forward only, so checkpoints keep the UNet's own names
