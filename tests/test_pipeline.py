@@ -78,6 +78,17 @@ def test_static_masks_and_batches_with_per_sample_generators(pipe):
     assert np.allclose(batch[1], single[0], atol=1e-4)
 
 
+def test_one_prompt_in_a_list_takes_one_list_of_subject_words(pipe):
+    """``pipe([prompt], subjects=[[words]])``: the per-prompt form for a batch of one (the
+    inner list was read as token positions and failed inside int())."""
+    kw = dict(mode="asyndm", num_inference_steps=4, output_type="np")
+    shared = pipe(PROMPT, subjects=["cat", "sandwich"], generator=torch.Generator().manual_seed(0),
+                  **kw).images
+    listed = pipe([PROMPT], subjects=[["cat", "sandwich"]],
+                  generator=[torch.Generator().manual_seed(0)], **kw).images
+    assert np.array_equal(shared, listed)
+
+
 def test_user_errors_are_clear(pipe):
     with pytest.raises(ValueError, match="needs subjects"):
         _run(pipe, mode="asyndm")

@@ -52,6 +52,11 @@ def test_raw_token_indices(tokenizer):
             resolve_subject(tokenizer, "a cat", bad, 0.5)
 
 
+def test_words_inside_a_positions_list_are_a_clear_error(tokenizer):
+    with pytest.raises(ValueError, match="one subject's token positions"):
+        resolve_subject(tokenizer, "a cat", ["cat", "dog"], 0.5)
+
+
 def test_occurrences_count_from_one(tokenizer):
     prompt = "a cat and a cat on a table"
     assert resolve_subject(tokenizer, prompt, "cat#1", 0.5).positions == (2,)

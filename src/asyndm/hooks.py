@@ -42,10 +42,11 @@ from .subjects import (ResolvedSubject, SubjectSpec, batch_subjects, k_values,
 
 
 def _per_prompt(subjects: Sequence, n_prompts: int) -> list[list]:
-    """One list per prompt when several prompts come with as many lists, else shared."""
-    if n_prompts > 1 and len(subjects) == n_prompts and all(
-        isinstance(s, (list, tuple)) for s in subjects
-    ):
+    """One list per prompt when the prompts come with as many lists, else shared. A single
+    prompt's ``[["cat", "dog"]]`` is its own list (words are never token positions), while
+    ``[[3, 4]]`` stays one subject of two token positions."""
+    lists = len(subjects) == n_prompts and all(isinstance(s, (list, tuple)) for s in subjects)
+    if lists and (n_prompts > 1 or any(isinstance(x, str) for x in subjects[0])):
         return [list(s) for s in subjects]
     return [list(subjects)] * n_prompts
 

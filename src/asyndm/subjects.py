@@ -68,6 +68,10 @@ def resolve_subject(tokenizer, prompt: str, spec: SubjectSpec, k: float) -> Reso
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     n_valid = len(ids)
     if isinstance(spec, int) or (not isinstance(spec, str) and isinstance(spec, Sequence)):
+        if not isinstance(spec, int) and any(isinstance(p, str) for p in spec):
+            raise ValueError(f"subject {list(spec)!r} for prompt {prompt!r}: a list inside "
+                             "the subjects is one subject's token positions (integers); give "
+                             "words as plain strings, one list per prompt")
         positions = (spec,) if isinstance(spec, int) else tuple(int(p) for p in spec)
         # the prompt's own tokens: not the start token, not the end token or the padding
         # (T5, Flux's text columns, has no start token: its position 0 is the first word)
