@@ -129,6 +129,34 @@ def test_run_then_rerun_does_nothing(env, pipe, tmp_path):
     assert np.abs(np.asarray(direct, dtype=np.int16) - stored).max() <= 1
 
 
+def test_a_variants_own_guidance_reaches_the_pipeline_and_its_rows(env, pipe, tmp_path,
+                                                                    monkeypatch):
+    import asyndm.bench.runner as runner
+
+    seen = []
+
+    def method(pipe, mode, call, params):  # what a competitor is handed
+        seen.append(call.guidance)
+        return [Image.new("RGB", (32, 32))] * len(call.generators)
+
+    monkeypatch.setattr(runner, "run_method", method)
+
+    class Recording(Counting):
+        def __call__(self, *args, **kwargs):
+            seen.append(kwargs["guidance_scale"])
+            return super().__call__(*args, **kwargs)
+
+    variants = tuple(parse_variant(v) for v in ("dm", "dm:guidance=4", "s_cfg",
+                                                "s_cfg:guidance=3"))
+    run_bench(_config(env, tmp_path, variants=variants, seeds=1, limit=1, guidance=2.0),
+              pipe=Recording(pipe), progress=False)
+    assert sorted(seen) == [2.0, 2.0, 3.0, 4.0]
+    with sqlite3.connect(tmp_path / "results.sqlite") as con:
+        stored = {v: json.loads(s)["guidance"]
+                  for v, s in con.execute("SELECT variant, settings FROM results")}
+    assert stored == {"dm": 2.0, "dm:guidance=4": 4.0, "s_cfg": 2.0, "s_cfg:guidance=3": 3.0}
+
+
 def test_changed_settings_are_refused(env, pipe, tmp_path):
     run_bench(_config(env, tmp_path, seeds=1, limit=1), pipe=pipe, progress=False)
     with pytest.raises(StoreMismatch, match="steps"):

@@ -130,13 +130,26 @@ def test_variant_syntax():
     assert len(names) == 3 and all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)
 
 
+def test_variant_guidance_key():
+    v = parse_variant("dm:guidance=4.0")
+    assert (v.name, v.guidance, v.guidance_or(2.0)) == ("dm:guidance=4", 4.0, 4.0)
+    assert parse_variant("dm").guidance_or(2.0) == 2.0 and "guidance" not in parse_variant(
+        "dm").settings()
+    s = parse_variant("s_cfg:guidance=3")
+    assert s.name == "s_cfg:guidance=3" and s.settings()["guidance"] == 3.0 and not s.params
+    z = parse_variant("z_sampling:zigzag=2,guidance=5")
+    assert z.name == "z_sampling:zigzag=2,guidance=5" and z.guidance == 5.0
+    assert dict(z.params) == {"zigzag": "2"}
+
+
 @pytest.mark.parametrize("text, expected", [
     ("ddim", "unknown mode"), ("dm:curve=piecewise", "no effect"),
     ("dm_concave:mask=static", "no effect"), ("asyndm:k", "KEY=VALUE"),
     ("asyndm:k=2", r"\(0, 1\)"), ("asyndm:k=x", "could not convert"),
     ("asyndm:curve=cubic", "unknown curve"), ("asyndm:thr=0", "> 0"),
     ("asyndm:k=0.5,k=0.4", "twice"), ("asyndm:name=a b", "variant name"),
-    ("asyndm:colour=red", "unknown key"),
+    ("asyndm:colour=red", "unknown key"), ("dm:guidance=-1", ">= 0"),
+    ("cfgpp:guidance=3", "lam replaces"), ("s_cfg:guidance=x", "could not convert"),
 ])
 def test_variant_errors(text, expected):
     with pytest.raises(ValueError, match=expected):

@@ -307,13 +307,14 @@ class _Worker:
             s.positions for s in resolve_subjects(self.pipe.tokenizer, entry.prompt, subjects, k))
         call = Call(prompt=entry.prompt,
                     generators=tuple(torch.Generator().manual_seed(s) for s in seeds),
-                    steps=self.config.steps, guidance=self.config.guidance,
+                    steps=self.config.steps, guidance=variant.guidance_or(self.config.guidance),
                     eta=self.eta.get("eta"), subject_positions=positions)
         return run_method(self.pipe, variant.mode, call, variant.method_params())
 
     def run(self, entry: BenchEntry, variant: Variant, seeds: list[int]) -> None:
         cfg = self.config
         subjects, k = _subject_settings(entry, variant)
+        guidance = variant.guidance_or(cfg.guidance)
         extra = {} if subjects is None else {"subjects": subjects, "k": k}
         start = time.perf_counter()
         with count_model_calls(self.pipe) as calls:
@@ -323,7 +324,7 @@ class _Worker:
                 images = self.pipe(
                     entry.prompt, mode=variant.mode, curve=variant.curve,
                     mask_mode=variant.mask_mode, mask_threshold=variant.mask_threshold,
-                    num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                    num_inference_steps=cfg.steps, guidance_scale=guidance,
                     num_images_per_prompt=len(seeds),
                     generator=[torch.Generator().manual_seed(s) for s in seeds],
                     output_type="pil", **self.eta, **extra,
@@ -335,7 +336,7 @@ class _Worker:
             rel = self.image_path(entry, seed, variant)
             digest = write_image_atomic(image, self.store.root / rel)  # before its row
             settings = {**variant.settings(), "subjects": subjects, "k": k, "seed": seed,
-                        "steps": cfg.steps, "guidance": cfg.guidance,
+                        "steps": cfg.steps, "guidance": guidance,
                         "eta": self.eta.get("eta"),
                         "model": self.model, "dtype": cfg.dtype}
             rows.append(ResultRow(

@@ -8,6 +8,7 @@ A variant is written on the command line as ``MODE[:KEY=VALUE,KEY=VALUE,...]``:
 | ``k``     | curve strength in (0, 1), for all subjects | dm_concave, asyndm | prompt's k    |
 | ``mask``  | ``dynamic`` or ``static``                  | asyndm             | dynamic       |
 | ``thr``   | mask threshold (> 0)                       | asyndm             | 1.0           |
+| ``guidance`` | CFG scale of this variant (>= 0)        | all but cfgpp      | ``--guidance``|
 | ``name``  | the variant's name in results and plots    | all                | see below     |
 
 Examples: ``dm``, ``asyndm:curve=piecewise,k=0.5``, ``asyndm:mask=static,thr=1.2,name=static``.
@@ -15,7 +16,10 @@ Examples: ``dm``, ``asyndm:curve=piecewise,k=0.5``, ``asyndm:mask=static,thr=1.2
 The competitors of :mod:`asyndm.methods` (``cfgpp``, ``s_cfg``, ``z_sampling``, ``seg``,
 ``pag``, ``attend_excite``) take their own parameters as keys (the fields of their parameter
 dataclass, e.g. ``cfgpp:lam=0.6``, ``seg:scale=3,sigma=10``, ``z_sampling:zigzag=10``,
-``attend_excite:scale_factor=10``) plus ``name``; the table's keys do not apply to them.
+``attend_excite:scale_factor=10``) plus ``guidance`` and ``name``; the table's other keys do
+not apply to them. ``guidance`` tunes a method whose strength is the CFG scale (S-CFG,
+Z-Sampling's gamma_1) without changing the other variants' (``s_cfg:guidance=4``); CFG++
+refuses it (its ``lam`` replaces the CFG scale).
 
 Without ``name=`` a variant is named by its mode plus the options that differ from the
 defaults, in the order of the table (``asyndm:curve=piecewise,k=0.5``); so ``--modes dm
@@ -47,8 +51,10 @@ DEFAULT_MASK_THRESHOLD = 1.0
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,:+-]{0,79}")
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_KEYS = ("curve", "k", "mask", "thr", "name")
-_ALLOWED = {"dm": {"name"}, "dm_concave": {"curve", "k", "name"}, "asyndm": set(_KEYS)}
+_KEYS = ("curve", "k", "mask", "thr", "guidance", "name")
+_ALLOWED = {"dm": {"guidance", "name"}, "dm_concave": {"curve", "k", "guidance", "name"},
+            "asyndm": set(_KEYS)}
+_NO_GUIDANCE = {"cfgpp": "its lam replaces the CFG scale"}
 SUBJECT_MODES = ("dm_concave", "asyndm", "attend_excite")
 ALL_MODES = MODES + METHOD_NAMES
 
@@ -65,6 +71,7 @@ class Variant:
         mask_mode: ``"dynamic"`` or ``"static"`` (``asyndm``).
         mask_threshold: multiple of the spatial mean that claims a pixel (``asyndm``).
         params: a competitor's ``(key, value)`` parameters as given (``()``: its defaults).
+        guidance: this variant's CFG scale, or ``None`` for the run's ``--guidance``.
     """
 
     name: str
@@ -74,6 +81,7 @@ class Variant:
     mask_mode: str = DEFAULT_MASK_MODE
     mask_threshold: float = DEFAULT_MASK_THRESHOLD
     params: tuple[tuple[str, str], ...] = ()
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -94,6 +102,17 @@ class Variant:
             raise ValueError(f"unknown mask mode {self.mask_mode!r}; choose from {MASK_MODES}")
         if not (math.isfinite(self.mask_threshold) and self.mask_threshold > 0):
             raise ValueError(f"variant {self.name!r}: thr must be > 0, got {self.mask_threshold}")
+        if self.guidance is not None:
+            if not (math.isfinite(self.guidance) and self.guidance >= 0):
+                raise ValueError(f"variant {self.name!r}: guidance must be >= 0, got "
+                                 f"{self.guidance}")
+            if self.mode in _NO_GUIDANCE:
+                raise ValueError(f"variant {self.name!r}: {self.mode} takes no guidance "
+                                 f"({_NO_GUIDANCE[self.mode]})")
+
+    def guidance_or(self, shared: float) -> float:
+        """The CFG scale this variant runs with when the run's is ``shared``."""
+        return shared if self.guidance is None else self.guidance
 
     @property
     def needs_subjects(self) -> bool:
@@ -105,12 +124,14 @@ class Variant:
 
     def settings(self) -> dict[str, Any]:
         """The settings that decide this variant's images (stored with every result)."""
+        own = {} if self.guidance is None else {"guidance": self.guidance}
         if self.mode in METHODS:
             return {"name": self.name, "mode": self.mode,
-                    "params": params_dict(self.method_params())}
+                    "params": params_dict(self.method_params()), **own}
         data = asdict(self)
-        del data["params"]  # dm / asyndm settings stay as stores before the methods saw them
-        return data
+        # dm / asyndm settings stay as stores before the methods and guidance= saw them
+        del data["params"], data["guidance"]
+        return {**data, **own}
 
 
 def _canonical_name(mode: str, opts: dict[str, str]) -> str:
@@ -141,6 +162,7 @@ def parse_variant(text: str) -> Variant:
     try:
         k = float(opts["k"]) if "k" in opts else None
         thr = float(opts["thr"]) if "thr" in opts else DEFAULT_MASK_THRESHOLD
+        guidance = _guidance(opts)
     except ValueError as err:
         raise ValueError(f"variant {text!r}: {err}") from None
     if "k" in opts:
@@ -150,8 +172,17 @@ def parse_variant(text: str) -> Variant:
     return Variant(
         name=opts.get("name", _canonical_name(mode, opts)), mode=mode,
         curve=opts.get("curve", DEFAULT_CURVE), k=k,
-        mask_mode=opts.get("mask", DEFAULT_MASK_MODE), mask_threshold=thr,
+        mask_mode=opts.get("mask", DEFAULT_MASK_MODE), mask_threshold=thr, guidance=guidance,
     )
+
+
+def _guidance(opts: dict[str, str]) -> float | None:
+    """``opts``' ``guidance`` as a float (shown as ``%g`` in the name), or ``None``."""
+    if "guidance" not in opts:
+        return None
+    value = float(opts["guidance"])
+    opts["guidance"] = f"{value:g}"
+    return value
 
 
 def _parse_method(text: str, mode: str, rest: str) -> Variant:
@@ -163,21 +194,23 @@ def _parse_method(text: str, mode: str, rest: str) -> Variant:
         key, value = key.strip(), value.strip()
         if not eq or not value:
             raise ValueError(f"variant {text!r}: expected KEY=VALUE, got {item!r}")
-        if key != "name" and key not in fields:
+        if key not in ("guidance", "name") and key not in fields:
             raise ValueError(f"variant {text!r}: unknown key {key!r}; {mode} keys are "
-                             f"{tuple(fields) + ('name',)}")
+                             f"{tuple(fields) + ('guidance', 'name')}")
         if key in opts:
             raise ValueError(f"variant {text!r}: {key!r} given twice")
         opts[key] = value
     name = opts.pop("name", None)
     try:
+        guidance = _guidance(opts)
+        shown_guidance = [f"guidance={opts.pop('guidance')}"] if guidance is not None else []
         params = method_params(mode, opts)
     except ValueError as err:
         raise ValueError(f"variant {text!r}: {err}") from None
     resolved = params_dict(params)
-    shown = [f"{k}={_show(resolved[k])}" for k in fields if k in opts]
+    shown = [f"{k}={_show(resolved[k])}" for k in fields if k in opts] + shown_guidance
     return Variant(name=name or mode + (":" + ",".join(shown) if shown else ""), mode=mode,
-                   params=tuple((k, opts[k]) for k in fields if k in opts))
+                   params=tuple((k, opts[k]) for k in fields if k in opts), guidance=guidance)
 
 
 def _show(value) -> str:
