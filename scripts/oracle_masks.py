@@ -40,7 +40,7 @@ import torch
 
 from asyndm.bench.report import paired_bootstrap_ci
 from asyndm.loading import load_pipeline
-from asyndm.repair import RepairConfig, generate_with_latents
+from asyndm.repair import RepairConfig
 from asyndm.shapes.grammar import parse_prompt
 from asyndm.shapes.score import matches, score
 from asyndm.shapes.suite import load_suite
@@ -77,33 +77,45 @@ def _read_rows(out: Path) -> list[dict]:
     return rows
 
 
-def _images(pipe, entry, seed: int, cfg: RepairConfig, strong_k: float) -> dict[str, bool]:
-    """Every variant's exact-scorer verdict for one (prompt, seed), plus oracle bookkeeping."""
+def _prompt_rows(pipe, entry, seeds: list[int], cfg: RepairConfig,
+                 strong_k: float) -> list[dict]:
+    """Every variant's exact-scorer verdict for one prompt and each of ``seeds``, plus the
+    oracle's bookkeeping. The seeds of a variant are drawn as one batch (one generator per
+    image, so each image is its seed's, up to round-off); the oracle's regions differ per
+    seed, so its images are drawn one at a time."""
     spec = parse_prompt(entry.prompt)
-    dm_image, _ = generate_with_latents(pipe, entry.prompt, seed, cfg)
-    dm = score(dm_image, spec)
     kw = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, eta=cfg.eta)
 
-    def draw(**extra):
-        return pipe(entry.prompt, generator=torch.Generator().manual_seed(seed),
-                    **kw, **extra).images[0]
+    def draw(batch_seeds, **extra):
+        return pipe([entry.prompt] * len(batch_seeds),
+                    generator=[torch.Generator().manual_seed(s) for s in batch_seeds],
+                    **kw, **extra).images
 
-    subjects = list(entry.subjects)
+    subjects = [list(entry.subjects)] * len(seeds)  # one list per prompt of the batch
     images = {
-        "dm_concave": draw(mode="dm_concave", subjects=subjects, k=list(entry.k)),
-        "asyndm": draw(subjects=subjects, k=list(entry.k)),
-        "asyndm_strong": draw(subjects=subjects, k=[strong_k] * len(subjects)),
+        "dm": draw(seeds, mode="dm"),
+        "dm_concave": draw(seeds, mode="dm_concave", subjects=subjects, k=list(entry.k)),
+        "asyndm": draw(seeds, subjects=subjects, k=list(entry.k)),
+        "asyndm_strong": draw(seeds, subjects=subjects, k=[strong_k] * len(entry.subjects)),
+        "oracle": [],
     }
-    labels, region_k = oracle_regions(dm, spec, entry.k)
-    images["oracle"] = dm_image
-    if labels is not None:
-        try:
-            images["oracle"] = draw(region_mask=labels, k=region_k)
-        except ValueError as err:  # a region too small for the 16x16 grid: plain DM
-            print(f"  oracle mask refused ({err}); the oracle image is DM's", flush=True)
-            region_k = []
-    row = {"dm": dm.correct, **{v: score(im, spec).correct for v, im in images.items()}}
-    return {**row, "oracle_regions": len(region_k), "subjects": len(spec.objects)}
+    rows = []
+    for j, seed in enumerate(seeds):
+        dm = score(images["dm"][j], spec)
+        labels, region_k = oracle_regions(dm, spec, entry.k)
+        oracle = images["dm"][j]
+        if labels is not None:
+            try:
+                oracle = draw([seed], region_mask=labels, k=region_k)[0]
+            except ValueError as err:  # a region too small for the 16x16 grid: plain DM
+                print(f"  oracle mask refused ({err}); the oracle image is DM's", flush=True)
+                region_k = []
+        row = {"dm": dm.correct,
+               **{v: score(images[v][j], spec).correct for v in VARIANTS[1:-1]},
+               "oracle": score(oracle, spec).correct}
+        rows.append({"prompt": entry.prompt, "category": entry.category, "seed": seed, **row,
+                     "oracle_regions": len(region_k), "subjects": len(spec.objects)})
+    return rows
 
 
 def main(argv=None) -> None:
@@ -115,7 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--strong-k", type=float, default=0.7, help="k of asyndm_strong")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                   help="draw only the I-th of every N (prompt, seed) pairs (default 0/1)")
+                   help="draw only the I-th of every N prompts (default 0/1)")
     p.add_argument("--report-only", action="store_true", help="write report.md and stop")
     p.add_argument("--out", required=True, help="run folder (resumes)")
     args = p.parse_args(argv)
@@ -126,18 +138,17 @@ def main(argv=None) -> None:
     shard, shards = args.shard
     rows_path = out / ("rows.jsonl" if shards == 1 else f"rows.{shard}.jsonl")
     done = {(r["prompt"], r["seed"]) for r in _read_rows(out)}
-    pairs = [(e, s) for e in load_suite("shapes")
-             for s in range(args.first_seed, args.first_seed + args.seeds)]
-    todo = [(e, s) for j, (e, s) in enumerate(pairs)
-            if j % shards == shard and (e.prompt, s) not in done]
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    todo = [(e, [s for s in seeds if (e.prompt, s) not in done])
+            for j, e in enumerate(load_suite("shapes")) if j % shards == shard]
+    todo = [(e, s) for e, s in todo if s]
     if todo and not args.report_only:
         pipe = load_pipeline(args.model, progress=False)
-        for n, (entry, seed) in enumerate(todo):
-            print(f"[{n + 1}/{len(todo)}] seed {seed}: {entry.prompt}", flush=True)
-            row = {"prompt": entry.prompt, "category": entry.category, "seed": seed,
-                   **_images(pipe, entry, seed, cfg, args.strong_k)}
+        for n, (entry, todo_seeds) in enumerate(todo):
+            print(f"[{n + 1}/{len(todo)}] seeds {todo_seeds}: {entry.prompt}", flush=True)
+            rows = _prompt_rows(pipe, entry, todo_seeds, cfg, args.strong_k)
             with rows_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
     rows = _read_rows(out)
     (out / "report.md").write_text(report(rows, args))
     print(out / "report.md")
