@@ -295,7 +295,7 @@ def test_bad_parameters_are_one_line_errors(mode, opts, match):
     assert "\n" not in str(err.value)
 
 
-def test_bad_calls_are_one_line_errors(pipe, sd_components, sdxl_components):
+def test_bad_calls_are_one_line_errors(pipe, sd_components):
     cases = [
         (lambda: method_params("nope"), "unknown method"),
         (lambda: run_method(pipe, "z_sampling", _call(),
@@ -306,7 +306,6 @@ def test_bad_calls_are_one_line_errors(pipe, sd_components, sdxl_components):
          "not text tokens"),
         (lambda: run_method(pipe, "pag", _call(), method_params("pag", {"layers": "nowhere"})),
          "pag: Cannot find PAG layer"),
-        (lambda: run_method(AsynDMXLPipeline(**sdxl_components), "cfgpp", _call()), "not SDXL"),
         (lambda: run_method(AsynDMPipeline(**{**sd_components, "scheduler":
                                               EulerDiscreteScheduler.from_config(ddim().config)}),
                             "z_sampling", _call()), "DDIMScheduler"),
@@ -395,13 +394,16 @@ def test_bench_records_model_evals_and_the_report_shows_them(tmp_path):
     assert "| evals / image | s / image |" in text and "| pag | 1 | 9.0 |" in text
 
 
-@pytest.mark.parametrize("mode,opts", [("pag", {"scale": "0"}), ("seg", {"scale": "0"}),
-                                       ("s_cfg", {"rate_min": "1", "rate_max": "1"})])
+@pytest.mark.parametrize("mode,opts", DEGENERATE + [("cfgpp", None)])
 def test_sdxl_methods_run_and_degenerate_to_dm(sdxl_components, mode, opts):
     p = AsynDMXLPipeline(**sdxl_components)
     p.set_progress_bar_config(disable=True)
     dm = p(PROMPT, num_inference_steps=2, guidance_scale=5.0, output_type="np",
            generator=[torch.Generator().manual_seed(0)]).images
     call = _call(steps=2, guidance=5.0, eta=None)
-    assert np.array_equal(run_method(p, mode, call, method_params(mode, opts)), dm)
-    assert not np.array_equal(run_method(p, mode, call), dm)
+    if opts is not None:  # cfgpp has no setting that is DM (lam = 0 is unconditional DDIM)
+        assert np.array_equal(run_method(p, mode, call, method_params(mode, opts)), dm)
+    with count_model_calls(p) as calls:
+        image = run_method(p, mode, call)
+    assert calls.counted and image.shape == dm.shape and np.isfinite(image).all()
+    assert not np.array_equal(image, dm)

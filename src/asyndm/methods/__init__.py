@@ -2,15 +2,15 @@
 
 | mode | method (source) | runs through | SDXL |
 |---|---|---|---|
-| ``cfgpp`` | CFG++, Chung et al. ICLR 2025 | pure DDIM loop | no* |
+| ``cfgpp`` | CFG++, Chung et al. ICLR 2025 | pure DDIM loop | yes |
 | ``s_cfg`` | S-CFG, Shen et al. CVPR 2024 | parent + probes + hook | yes |
-| ``z_sampling`` | Z-Sampling, Bai et al. ICLR 2025 | pure DDIM loop | no* |
+| ``z_sampling`` | Z-Sampling, Bai et al. ICLR 2025 | pure DDIM loop | yes |
 | ``seg`` | SEG, Hong NeurIPS 2024 | PAG pipeline + processor | yes |
 | ``pag`` | PAG, Ahn et al. ECCV 2024 (diffusers core) | diffusers PAG pipeline | yes |
-| ``attend_excite`` | Attend-and-Excite, Chefer et al. 2023 | pure DDIM loop + grads | no* |
+| ``attend_excite`` | Attend-and-Excite, Chefer et al. 2023 | pure DDIM loop + grads | yes |
 
-(*) the method allows SDXL; this implementation is for SD 1.x / 2.x and the embedded model
-and refuses SDXL with a one-line ``ValueError``. Each module's docstring gives the equation,
+SDXL runs every method (the pure DDIM loops build SDXL's pooled-text and size conditioning
+as its pipeline does, asyndm.methods.common). Each module's docstring gives the equation,
 the defaults and where they come from. Only ``attend_excite`` reads subjects.
 
 ``run_method(pipe, mode, params, call)`` generates; :data:`METHODS` is the registry the CLI and

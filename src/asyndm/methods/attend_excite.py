@@ -26,9 +26,9 @@ has its own loss and refinement stops per image, so an image depends on its seed
 
 How it runs here: a pure DDIM loop over the pipeline's components; the update steps add
 UNet calls on the conditional rows (one forward and one backward each); the denoising step
-is the parent's. ``updates = 0`` with ``refine = false`` is DM exactly. SDXL: the method
-allows it (diffusers had an SDXL variant in the community); here SD 1.x / 2.x and the
-embedded model.
+is the parent's. ``updates = 0`` with ``refine = false`` is DM exactly. SDXL: yes (diffusers had
+an SDXL variant in the community): the same loop with SDXL's conditioning, the subjects'
+positions counted in the first tokenizer's tokens (both CLIP tokenizers split a prompt alike).
 """
 
 from __future__ import annotations

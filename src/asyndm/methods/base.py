@@ -2,7 +2,7 @@
 
 A method is a :class:`Method`: a name, a frozen parameter dataclass (validated in its
 ``__post_init__``; its fields are the ``MODE:KEY=VALUE`` keys of ``asyndm bench``), whether it
-reads subjects, whether SDXL is implemented, and ``run(pipe, call, params) -> images``.
+reads subjects, and ``run(pipe, call, params) -> images``.
 :class:`Call` holds what every method gets from one command line: prompt, steps, guidance,
 eta, one CPU generator per image, size, and the subjects' token positions.
 
@@ -87,7 +87,6 @@ class Method:
     params: type
     run: Callable[[Any, Call, Any], list[Image.Image] | torch.Tensor]
     uses_subjects: bool = False
-    sdxl: bool = False
     summary: str = ""
 
     def default_params(self):
@@ -172,16 +171,11 @@ def count_model_calls(pipe) -> Iterator[ModelCalls]:
         handle.remove()
 
 
-def require_sd(pipe, method: str, sdxl: bool = False) -> None:
-    """Refuse a pipeline the method is not implemented for (one line)."""
+def require_sd(pipe, method: str) -> None:
+    """Refuse a pipeline that is not Stable Diffusion 1.x / 2.x or SDXL (one line)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        if not sdxl:
-            raise ValueError(f"{method} is implemented for SD 1.x / 2.x and the embedded model, "
-                             "not SDXL")
-        return
-    if not isinstance(pipe, StableDiffusionPipeline):
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ValueError(f"{method} needs a Stable Diffusion (UNet) pipeline, got "
                          f"{type(pipe).__name__}")
 

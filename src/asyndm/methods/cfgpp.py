@@ -28,8 +28,8 @@ pair ``(sample, v)`` that has the same ``x0`` and ``eps``: ``sample = a_t x0 + s
 Degenerate case: ``lam = 0`` is unconditional DDIM (``eps_lam = eps_u``): its image equals
 DM's image of the prompt ``""`` (whose guided output ``eps_u + w (eps_u - eps_u)`` is
 ``eps_u`` exactly), which the tests check bit for bit. Model calls: one batched
-``[uncond; cond]`` call per step (2 rows per image), as CFG. SDXL: the method allows it (their
-``latent_sdxl.py``); here SD 1.x / 2.x and the embedded model.
+``[uncond; cond]`` call per step (2 rows per image), as CFG. SDXL: yes (their
+``latent_sdxl.py``; here the same loop with SDXL's conditioning, asyndm.methods.common).
 """
 
 from __future__ import annotations

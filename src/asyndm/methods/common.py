@@ -7,7 +7,10 @@ operations of ``StableDiffusionPipeline.__call__`` in its order -- prompt encodi
 ``[uncond; cond]`` UNet call, ``scheduler.step`` with ``eta`` and the generators, the VAE
 decode, the safety checker and ``postprocess`` -- so a loop built from them with the plain
 CFG rule gives DM's image bit for bit (``tests/test_methods.py`` checks it), and a method
-that changes one stage is paired with DM in every other.
+that changes one stage is paired with DM in every other. For SDXL they repeat
+``StableDiffusionXLPipeline.__call__``'s instead: the pooled text embeddings and size
+conditioning (``added_cond_kwargs``) travel with the prompt embeddings in :class:`Cond`, and
+the decode follows SDXL's (VAE upcast, latents mean / std, watermark; no safety checker).
 """
 
 from __future__ import annotations
@@ -25,16 +28,34 @@ from torch import nn
 from ..adapters.attention import module_level
 from .base import Call
 
-__all__ = ["LoopInputs", "ProbeStore", "attention_blocks", "ae_kernel", "blur_queries", "cfg",
-           "finish", "probes", "prepare", "smooth_maps", "to_eps", "unet_out"]
+__all__ = ["Cond", "LoopInputs", "ProbeStore", "attention_blocks", "ae_kernel", "blur_queries",
+           "cfg", "finish", "probes", "prepare", "smooth_maps", "to_eps", "unet_out"]
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Rows of the UNet's text conditioning; indexing a :class:`Cond` takes rows of each."""
+
+    hidden: torch.Tensor
+    """``(R, L, D)`` prompt embeddings (``encoder_hidden_states``)."""
+    added: dict[str, torch.Tensor] | None = None
+    """SDXL's ``added_cond_kwargs``: ``text_embeds`` ``(R, P)``, ``time_ids`` ``(R, 6)``."""
+
+    def __getitem__(self, rows: slice) -> Cond:
+        added = None if self.added is None else {k: v[rows] for k, v in self.added.items()}
+        return Cond(self.hidden[rows], added)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
 
 
 @dataclass
 class LoopInputs:
     """What one call's loop starts from."""
 
-    embeds: torch.Tensor
-    """``(2B, L, D)`` ``[negative; positive]`` prompt embeddings."""
+    embeds: Cond
+    """``2B`` rows ``[negative; positive]`` of the prompt's conditioning."""
     latents: torch.Tensor
     """``(B, C, h, w)`` initial noise (scaled by ``init_noise_sigma``)."""
     timesteps: torch.Tensor
@@ -44,14 +65,40 @@ class LoopInputs:
     device: torch.device
 
 
+def _is_sdxl(pipe) -> bool:
+    from diffusers import StableDiffusionXLPipeline
+
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def _sdxl_cond(pipe, call: Call, device, height: int, width: int) -> Cond:
+    """SDXL's ``[negative; positive]`` conditioning as its ``__call__`` builds it (default
+    size conditioning: original and target size ``(height, width)``, no crop)."""
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        call.prompt, device=device, num_images_per_prompt=call.num_images,
+        do_classifier_free_guidance=True, negative_prompt=call.negative_arg())
+    projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                  else pipe.text_encoder_2.config.projection_dim)
+    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pos.dtype,
+                                      text_encoder_projection_dim=projection)  # (1, 6)
+    rows = 2 * call.num_images
+    return Cond(torch.cat([neg, pos]),  # (2B, L, D)
+                {"text_embeds": torch.cat([neg_pooled, pooled]).to(device),  # (2B, P)
+                 "time_ids": time_ids.to(device).repeat(rows, 1)})  # (2B, 6)
+
+
 def prepare(pipe, call: Call) -> LoopInputs:
     """Encode the prompt, set the timesteps and draw the initial latents, as the parent does."""
     device = pipe._execution_device
-    height = call.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = call.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pos, neg = pipe.encode_prompt(call.prompt, device, call.num_images, True,
-                                  call.negative_arg())
-    embeds = torch.cat([neg, pos])  # (2B, L, D)
+    size = (pipe.default_sample_size if _is_sdxl(pipe) else pipe.unet.config.sample_size)
+    height = call.height or size * pipe.vae_scale_factor
+    width = call.width or size * pipe.vae_scale_factor
+    if _is_sdxl(pipe):
+        embeds = _sdxl_cond(pipe, call, device, height, width)
+    else:
+        pos, neg = pipe.encode_prompt(call.prompt, device, call.num_images, True,
+                                      call.negative_arg())
+        embeds = Cond(torch.cat([neg, pos]))  # (2B, L, D)
     pipe.scheduler.set_timesteps(call.steps, device=device)
     gens = call.generator_arg()
     latents = pipe.prepare_latents(call.num_images, pipe.unet.config.in_channels, height, width,
@@ -60,14 +107,15 @@ def prepare(pipe, call: Call) -> LoopInputs:
     return LoopInputs(embeds, latents, pipe.scheduler.timesteps, step_kwargs, device)
 
 
-def unet_out(pipe, x: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
-    """The UNet's raw output for ``x`` ``(R, C, h, w)`` and ``embeds`` ``(R, L, D)``."""
+def unet_out(pipe, x: torch.Tensor, t, embeds: Cond) -> torch.Tensor:
+    """The UNet's raw output for ``x`` ``(R, C, h, w)`` and ``R`` rows of ``embeds``."""
     x = pipe.scheduler.scale_model_input(x, t)
-    return pipe.unet(x, t, encoder_hidden_states=embeds, timestep_cond=None,
-                     cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
+    return pipe.unet(x, t, encoder_hidden_states=embeds.hidden, timestep_cond=None,
+                     cross_attention_kwargs=None, added_cond_kwargs=embeds.added,
+                     return_dict=False)[0]
 
 
-def cfg(pipe, x: torch.Tensor, t, embeds: torch.Tensor, scale: float) -> torch.Tensor:
+def cfg(pipe, x: torch.Tensor, t, embeds: Cond, scale: float) -> torch.Tensor:
     """Classifier-free guided output, exactly the parent's arithmetic: one batched call
     (``scale <= 1``: the conditional branch alone, as the parent does without guidance)."""
     if scale <= 1:
@@ -80,12 +128,39 @@ def finish(pipe, latents: torch.Tensor, call: Call, dtype: torch.dtype):
     """Decode, safety-check and post-process as the parent does; ``"latent"`` returns them."""
     if call.output_type == "latent":
         return latents
+    if _is_sdxl(pipe):
+        return _finish_sdxl(pipe, latents, call)
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
                             generator=call.generator_arg())[0]
     image, nsfw = pipe.run_safety_checker(image, latents.device, dtype)
     denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
     return pipe.image_processor.postprocess(image, output_type=call.output_type,
                                             do_denormalize=denorm)
+
+
+def _finish_sdxl(pipe, latents: torch.Tensor, call: Call):
+    """SDXL's decode: the fp16 VAE upcast, latents mean / std if configured, watermark."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        pipe.upcast_vae()
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+    elif latents.dtype != vae.dtype:
+        latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        c = latents.shape[1]
+        mean = torch.tensor(mean).view(1, c, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, c, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(dtype=torch.float16)
+    if pipe.watermark is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type=call.output_type)
 
 
 def to_eps(out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor,

@@ -86,12 +86,12 @@ class PAGParams:
 
 
 def run_pag(pipe, call: Call, params: PAGParams):
-    require_sd(pipe, "pag", sdxl=True)
+    require_sd(pipe, "pag")
     try:
         return run_pag_pipeline(pag_pipeline(pipe, params.layers), call, params.scale)
     except ValueError as err:
         raise ValueError(f"pag: {err}") from None
 
 
-METHOD = Method(name="pag", params=PAGParams, run=run_pag, sdxl=True,
+METHOD = Method(name="pag", params=PAGParams, run=run_pag,
                 summary="PAG: identity self-attention branch (diffusers' PAG pipeline)")

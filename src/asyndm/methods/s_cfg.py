@@ -122,7 +122,7 @@ def _levels(unet, latent_hw: tuple[int, int]) -> list[int]:
 
 
 def run_s_cfg(pipe, call: Call, params: SCFGParams):
-    require_sd(pipe, "s_cfg", sdxl=True)
+    require_sd(pipe, "s_cfg")
     if call.guidance <= 1:
         raise ValueError(f"s_cfg reshapes classifier-free guidance: guidance must be > 1, "
                          f"got {call.guidance}")
@@ -168,5 +168,5 @@ def run_s_cfg(pipe, call: Call, params: SCFGParams):
             handle.remove()
 
 
-METHOD = Method(name="s_cfg", params=SCFGParams, run=run_s_cfg, sdxl=True,
+METHOD = Method(name="s_cfg", params=SCFGParams, run=run_s_cfg,
                 summary="S-CFG: per-region guidance scales from self-smoothed cross-attention")

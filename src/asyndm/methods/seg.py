@@ -124,7 +124,7 @@ class SEGParams:
 
 
 def run_seg(pipe, call: Call, params: SEGParams):
-    require_sd(pipe, "seg", sdxl=True)
+    require_sd(pipe, "seg")
     factor = pipe.vae_scale_factor
     size = pipe.unet.config.sample_size * factor
     latent_hw = ((call.height or size) // factor, (call.width or size) // factor)
@@ -135,5 +135,5 @@ def run_seg(pipe, call: Call, params: SEGParams):
         raise ValueError(f"seg: {err}") from None
 
 
-METHOD = Method(name="seg", params=SEGParams, run=run_seg, sdxl=True,
+METHOD = Method(name="seg", params=SEGParams, run=run_seg,
                 summary="SEG: third branch with Gaussian-blurred self-attention queries")

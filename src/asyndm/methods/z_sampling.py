@@ -27,8 +27,8 @@ with the network evaluated at ``t_i`` as in their code and in diffusers' inversi
 Pairing: the zig and zag are deterministic (``eta = 0``); the step itself is the scheduler's
 own step with the run's ``eta`` and generators, so each step adds DM's per-step noise.
 ``zigzag = 0`` is DM exactly. Model calls per zigzag step: 3 (zig, zag, step), else 1.
-SDXL: the method allows it (their code is SDXL-only); here SD 1.x / 2.x and the embedded
-model.
+SDXL: yes (their code is SDXL-only): the same loop with SDXL's conditioning
+(asyndm.methods.common).
 """
 
 from __future__ import annotations
