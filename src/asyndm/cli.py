@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
+from .cli_base import (ALL_MODES, CURVE_NAMES, DTYPE_NAMES, EMBEDDED_MODELS, MASK_MODES,
+                       MODE_HELP, MODEL_HELP, MODES, HelpFormatter, add_threads_option,
+                       quiet_foreign_notices, torch_threads)
 from .compile import COMPILE_MODES
-from .cli_base import (ALL_MODES, CURVE_NAMES, DTYPE_NAMES, MASK_MODES, MODE_HELP, MODES,
-                       HelpFormatter, add_threads_option, quiet_foreign_notices, torch_threads)
 
 EMBEDDED_GUIDANCE_TEXT = "2.0 for the embedded model, 7.5 for any other"
 
@@ -31,8 +32,7 @@ def _mode_spec(text: str) -> str:
 
 
 def _add_generation_options(p: argparse.ArgumentParser, modes_default: str | None) -> None:
-    p.add_argument("--model", default=None,
-                   help="diffusers model folder or hub id (default: the embedded model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--subjects", nargs="+", default=[],
                    help="subject words/phrases of the prompt ('cat', 'red car', 'cat#2' for "
@@ -144,7 +144,7 @@ def _cmd_schedule(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    for path in run_demo(args.out, steps=args.steps, device=args.device):
+    for path in run_demo(args.out, steps=args.steps, device=args.device, model=args.model):
         print(path)
     return 0
 
@@ -177,6 +177,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
                    help="output folder (its compare.png and timesteps_*.gif are replaced)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps, at least 2")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--model", default="embedded:shapes-base", choices=[
+        "embedded:" + name for name in EMBEDDED_MODELS], help="which embedded model draws")
     add_threads_option(p)
     p.set_defaults(func=_cmd_demo)
 

@@ -21,6 +21,11 @@ MODE_HELP = ("MODE[:KEY=VALUE,...] with MODE one of " + ", ".join(ALL_MODES) + "
              "sets a competitor's parameters, e.g. cfgpp:lam=0.6, seg:scale=3, "
              "z_sampling:zigzag=10 (see docs/methods.md)")
 MASK_MODES = ("dynamic", "static")
+EMBEDDED_MODELS = ("shapes-base", "shapes-maps")
+"""``asyndm.loading.EMBEDDED_MODELS`` (a test keeps the two equal)."""
+MODEL_HELP = ("diffusers model folder, hub id, or embedded:NAME for an embedded model ("
+              + ", ".join(EMBEDDED_MODELS) + "; shapes-maps is trained on per-pixel timestep "
+              "maps) (default: the embedded model shapes-base)")
 CURVE_NAMES = ("exponential", "piecewise", "quadratic")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 

@@ -73,7 +73,8 @@ def run_demo(
                 for i in range(len(prompts))]
     titles = [f"seed {seed + i}: {p}  [subjects: {', '.join(s)}]"
               for i, (p, s) in enumerate(DEMO_PROMPTS)]
-    header = (f"asyndm demo: the embedded model draws 32x32 images (shown enlarged); "
+    which = f"the embedded model {Path(pipe.name_or_path).name}" if model else "the embedded model"
+    header = (f"asyndm demo: {which} draws 32x32 images (shown enlarged); "
               f"{steps} DDIM steps, guidance {DEMO_GUIDANCE}; the three modes of a row share "
               "their noise; scorer = the exact ShapesBench check of the prompt")
     grid = comparison_grid(rows, mode_titles(str(DEMO_K)), titles, cell=160,

@@ -13,17 +13,35 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
-EMBEDDED_MODEL_DIR = Path(__file__).parent / "shapes" / "weights" / "shapes-base"
-"""The package's own small text-to-image model (see its README.md model card)."""
+EMBEDDED_MODELS_DIR = Path(__file__).parent / "shapes" / "weights"
+EMBEDDED_MODELS = ("shapes-base", "shapes-maps")
+"""The package's own small text-to-image models (each folder's README.md is its model card):
+``shapes-base``, the default, trained at one timestep per image; ``shapes-maps``, fine-tuned
+from it on per-pixel timestep maps (issue 12, docs/async_training.md)."""
+EMBEDDED_MODEL_DIR = EMBEDDED_MODELS_DIR / EMBEDDED_MODELS[0]
+EMBEDDED_PREFIX = "embedded:"
+"""``--model embedded:NAME`` names one of :data:`EMBEDDED_MODELS`."""
 
 
-def embedded_model_path() -> Path:
-    if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+def embedded_model_path(name: str = EMBEDDED_MODELS[0]) -> Path:
+    """The folder of the embedded model ``name`` (default: ``shapes-base``)."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"no embedded model {name!r}; the embedded models are "
+                         f"{', '.join(EMBEDDED_MODELS)}")
+    folder = EMBEDDED_MODELS_DIR / name
+    if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"the embedded model is missing from {EMBEDDED_MODEL_DIR}; reinstall asyndm or "
-            "pass --model DIR"
+            f"the embedded model is missing from {folder}; reinstall asyndm or pass --model DIR"
         )
-    return EMBEDDED_MODEL_DIR
+    return folder
+
+
+def _embedded(model: str | Path) -> Path | None:
+    """The folder ``model`` names if it is ``embedded:NAME`` or an embedded model's folder."""
+    if isinstance(model, str) and model.startswith(EMBEDDED_PREFIX):
+        return embedded_model_path(model[len(EMBEDDED_PREFIX):] or EMBEDDED_MODELS[0])
+    folder = Path(model).resolve()
+    return folder if folder.parent == EMBEDDED_MODELS_DIR.resolve() else None
 
 
 EMBEDDED_GUIDANCE = 2.0
@@ -41,7 +59,7 @@ FLUX_GUIDANCE = 3.5
 def default_guidance(model: str | Path | None) -> float:
     """The guidance scale to use when none is given: the embedded model's own, a Flux
     folder's 3.5, else 7.5."""
-    if model is None or Path(model).resolve() == EMBEDDED_MODEL_DIR.resolve():
+    if model is None or _embedded(model) is not None:
         return EMBEDDED_GUIDANCE
     index = Path(model) / "model_index.json"
     try:
@@ -199,6 +217,8 @@ def check_model(model: str | Path | None) -> str:
     loading it: an existing folder must be a safetensors diffusers folder."""
     if model is None:
         return str(embedded_model_path())
+    if str(model).startswith(EMBEDDED_PREFIX):
+        return str(_embedded(str(model)))
     path = str(model)
     folder = Path(path).expanduser()
     if folder.exists():

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_base import CURVE_NAMES, add_threads_option
+from .cli_base import CURVE_NAMES, MODEL_HELP, add_threads_option
 
 REPAIR_METHODS = ("asyndm", "inpaint", "reseed")
 _CAPTIONS = {"before": "before (DM, seed S)", "mask": "the mask",
@@ -18,8 +18,7 @@ _CAPTIONS = {"before": "before (DM, seed S)", "mask": "the mask",
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="diffusers model folder or hub id "
-                   "(default: the embedded model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--k", type=float, nargs="+", default=[0.5],
                    help="curve strength of the region(s) in (0, 1): one, or one per region")
     p.add_argument("--curve", choices=CURVE_NAMES, default="quadratic",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_base import ALL_MODES, DTYPE_NAMES, MODES, HelpFormatter, add_threads_option
+from ..cli_base import ALL_MODES, DTYPE_NAMES, MODEL_HELP, MODES, HelpFormatter, add_threads_option
 
 __all__ = ["add_bench_arguments", "add_report_arguments", "run_bench_cli", "run_report_cli"]
 
@@ -53,8 +53,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = HelpFormatter
     parser.epilog = BENCH_EXAMPLE
     p = parser
-    p.add_argument("--model", default=None,
-                   help="diffusers model folder or hub id (default: the embedded model)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--suite", default="shapes",
                    help="built-in suite name (shapes) or a JSON prompt file: a list of "
                         "prompts (paper format, with <stem>_item.json beside it) or of "
