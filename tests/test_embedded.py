@@ -114,3 +114,13 @@ def test_commands_on_the_embedded_model_print_no_foreign_notices(tmp_path, capsy
     assert not [str(w.message)[:200] for w in caught]
     # the hidden clip_sample notice is true for SD checkpoints, not here: clipping stays on
     assert load_pipeline(None, progress=False).scheduler.config.clip_sample is True
+
+
+def test_bench_runs_on_the_second_embedded_model(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "embedded:shapes-maps", "--suite", "shapes", "--limit", "1",
+                 "--seeds", "1", "--steps", "2", "--modes", "dm", "--no-progress",
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "bench_config.json").read_text())
+    assert saved["resolved"]["model"] == "embedded:shapes-maps"
+    assert saved["config"]["guidance"] == EMBEDDED_GUIDANCE
