@@ -186,7 +186,7 @@ def _guidance(opts: dict[str, str]) -> float | None:
 
 
 def _parse_method(text: str, mode: str, rest: str) -> Variant:
-    """A competitor's variant: its parameter keys plus ``name``."""
+    """A competitor's variant: its parameter keys plus ``guidance`` and ``name``."""
     fields = [f for f in method_params(mode).__dataclass_fields__]
     opts: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
