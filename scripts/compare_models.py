@@ -17,33 +17,26 @@ each model drawing every variant from the same noise) and writes Markdown:
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from asyndm.bench.report import paired_bootstrap_ci
 
-VARIANTS = ("dm", "dm_concave", "asyndm", "asyndm_strong", "oracle")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the run format's own script
+from oracle_masks import VARIANTS  # noqa: E402
+from oracle_masks import read_rows as _read_rows  # noqa: E402
+
 CATEGORIES = ("single", "two", "counting", "spatial", "binding", "context")
 
 
 def read_rows(run: Path) -> dict[tuple[str, int], dict]:
     """``(prompt, seed) -> row`` of a run folder (every ``rows*.jsonl``)."""
-    files = sorted(run.glob("rows*.jsonl"))
-    if not files:
+    rows = _read_rows(run)
+    if not rows:
         raise SystemExit(f"{run}: no rows*.jsonl (is it a scripts/oracle_masks.py run folder?)")
-    rows = {}
-    for path in files:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows[(row["prompt"], int(row["seed"]))] = row
-            except (ValueError, KeyError, TypeError) as err:
-                raise SystemExit(f"{path}, line {n}: not a result row ({err})") from None
-    return rows
+    return {(row["prompt"], int(row["seed"])): row for row in rows}
 
 
 def _by_prompt(pairs: list[tuple[str, int]], value) -> list[np.ndarray]:

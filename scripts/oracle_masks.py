@@ -70,10 +70,19 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _read_rows(out: Path) -> list[dict]:
+def read_rows(out: Path) -> list[dict]:
+    """The rows of every ``rows*.jsonl`` in ``out`` (a bad line: a one-line exit naming it)."""
     rows = []
     for path in sorted(out.glob("rows*.jsonl")):
-        rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row["prompt"], int(row["seed"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise SystemExit(f"{path}, line {n}: not a result row ({err})") from None
+            rows.append(row)
     return rows
 
 
@@ -137,7 +146,7 @@ def main(argv=None) -> None:
     cfg = RepairConfig(steps=args.steps)  # guidance 2.0 (the embedded model's), eta 1.0
     shard, shards = args.shard
     rows_path = out / ("rows.jsonl" if shards == 1 else f"rows.{shard}.jsonl")
-    done = {(r["prompt"], r["seed"]) for r in _read_rows(out)}
+    done = {(r["prompt"], r["seed"]) for r in read_rows(out)}
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     todo = [(e, [s for s in seeds if (e.prompt, s) not in done])
             for j, e in enumerate(load_suite("shapes")) if j % shards == shard]
@@ -149,7 +158,7 @@ def main(argv=None) -> None:
             rows = _prompt_rows(pipe, entry, todo_seeds, cfg, args.strong_k)
             with rows_path.open("a") as f:
                 f.write("".join(json.dumps(row) + "\n" for row in rows))
-    rows = _read_rows(out)
+    rows = read_rows(out)
     (out / "report.md").write_text(report(rows, args))
     print(out / "report.md")
 

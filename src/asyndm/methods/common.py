@@ -90,10 +90,11 @@ def _sdxl_cond(pipe, call: Call, device, height: int, width: int) -> Cond:
 def prepare(pipe, call: Call) -> LoopInputs:
     """Encode the prompt, set the timesteps and draw the initial latents, as the parent does."""
     device = pipe._execution_device
-    size = (pipe.default_sample_size if _is_sdxl(pipe) else pipe.unet.config.sample_size)
+    xl = _is_sdxl(pipe)
+    size = pipe.default_sample_size if xl else pipe.unet.config.sample_size
     height = call.height or size * pipe.vae_scale_factor
     width = call.width or size * pipe.vae_scale_factor
-    if _is_sdxl(pipe):
+    if xl:
         embeds = _sdxl_cond(pipe, call, device, height, width)
     else:
         pos, neg = pipe.encode_prompt(call.prompt, device, call.num_images, True,
